@@ -1,0 +1,110 @@
+"""muxd.service under a real systemd: readiness, status, journal, stop, bad config."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from nspawn import (
+    MUXD_CONFIG,
+    Container,
+    connected,
+    echo_roundtrip,
+    edit_ini,
+    process_uid,
+)
+
+pytestmark = pytest.mark.systemd
+
+# systemd allocates DynamicUser= ids from this range (systemd.exec(5)).
+DYNAMIC_UID_RANGE = range(61184, 65520)
+ECHO_INSIDE = """
+import socket, sys
+host = sys.argv[1]
+with socket.create_connection((host, 7), timeout=5) as s:
+    s.sendall(b"ping from inside\\n")
+    data = b""
+    while len(data) < 17:
+        chunk = s.recv(64)
+        if not chunk:
+            break
+        data += chunk
+    sys.stdout.write(data.decode())
+"""
+
+
+def test_start_returns_after_ready_and_echoes_as_dynamic_user(muxd: Container) -> None:
+    muxd.systemctl("start", "muxd")
+    # No waiting here on purpose: Type=notify means start returned only after READY=1.
+    assert muxd.show("muxd", "ActiveState") == "active"
+    with connected(muxd) as sock:
+        assert echo_roundtrip(sock, b"hello muxd\n") == b"hello muxd\n"
+
+    assert process_uid(muxd, muxd.main_pid()) in DYNAMIC_UID_RANGE
+    status = muxd.systemctl("status", "--no-pager", "muxd", check=False)
+    assert "Status: \"serving" in status and "connections" in status, status
+
+    # Dual-stack default listener, reached by the container's own python over both families.
+    for host in ("127.0.0.1", "::1"):
+        out = muxd.run(["python3", "-c", ECHO_INSIDE, host]).stdout
+        assert out == "ping from inside\n", host
+
+
+def test_journal_has_startup_lines_at_info_and_warnings_apart(muxd: Container) -> None:
+    muxd.systemctl("start", "muxd")
+    this_run = f"_SYSTEMD_INVOCATION_ID={muxd.show('muxd', 'InvocationID')}"
+    muxd.wait_for_journal(this_run, match=lambda e: "listening on" in e["MESSAGE"])
+    muxd.wait_for_journal(this_run, match=lambda e: "RLIMIT_NOFILE" in e["MESSAGE"])
+    entries = muxd.journal(this_run)
+    messages = {entry["MESSAGE"]: int(entry["PRIORITY"]) for entry in entries}
+    # The <N> prefix was understood by journald (so stripped), and start-up is info, not more.
+    assert all(not m.startswith("<") for m in messages), messages
+    assert all(prio == 6 for m, prio in messages.items() if "listening on" in m), messages
+    assert 6 in {prio for m, prio in messages.items() if "RLIMIT_NOFILE" in m}, messages
+    warnings = muxd.journal("-u", "muxd", "-p", "warning", this_run)
+    assert all(int(entry["PRIORITY"]) <= 4 for entry in warnings), warnings
+    assert not [e for e in warnings if "listening on" in e["MESSAGE"]], warnings
+
+
+def test_nofile_above_hard_limit_is_a_warning(muxd: Container) -> None:
+    # LimitNOFILE=65536 caps the hard limit at 65536 (or less, if the host allows less).
+    edit_ini(muxd, {("limits", "nofile"): "1048576"})
+    mark = muxd.journal_mark()
+    muxd.systemctl("start", "muxd")
+    assert muxd.show("muxd", "ActiveState") == "active"
+    warnings = muxd.wait_for_journal("-u", "muxd", "-p", "warning", after=mark)
+    assert all(int(entry["PRIORITY"]) <= 4 for entry in warnings), warnings
+    with connected(muxd) as sock:
+        assert echo_roundtrip(sock, b"still serving\n") == b"still serving\n"
+
+
+def test_stop_closes_connections_and_succeeds(muxd: Container) -> None:
+    muxd.systemctl("start", "muxd")
+    with connected(muxd) as sock:
+        assert echo_roundtrip(sock, b"before stop\n") == b"before stop\n"
+        muxd.systemctl("stop", "muxd")
+        sock.settimeout(15)
+        assert sock.recv(1) == b"", "client did not see EOF after systemctl stop"
+    assert muxd.show("muxd", "Result") == "success"
+    assert muxd.show("muxd", "ExecMainStatus") == "0"
+    assert muxd.show("muxd", "ActiveState") == "inactive"
+
+
+def test_bad_config_fails_once_without_restart_loop(muxd: Container) -> None:
+    edit_ini(muxd, {("limits", "idle_timeout"): "not-a-number"})
+    mark = muxd.journal_mark()
+    started = muxd.run(["systemctl", "start", "muxd"], check=False)
+    assert started.returncode != 0
+    assert muxd.show("muxd", "ActiveState") == "failed"
+    assert muxd.show("muxd", "ExecMainStatus") == "78"
+    # A restart would come RestartSec (100 ms) after the failure; watch well past that.
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        assert muxd.show("muxd", "NRestarts") == "0"
+        assert muxd.show("muxd", "ActiveState") == "failed"
+        time.sleep(0.2)
+    muxd.wait_for_journal(
+        "-u", "muxd", "-p", "err", after=mark,
+        match=lambda e: MUXD_CONFIG in e["MESSAGE"] and "idle_timeout" in e["MESSAGE"],
+    )
+
