@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("muxd %s starting with %s", __version__, config.source)
     raise_nofile(config.nofile)
 
-    listeners = inherited_listeners()
+    try:
+        listeners = inherited_listeners()
+    except ListenerError as err:
+        logger.error("%s", err)
+        return err.exit_status
     if listeners is not None:
         if not listeners:
             logger.error("socket activation passed no sockets (LISTEN_FDS=0)")

@@ -130,10 +130,24 @@ class Connection:
                 self.paused = False
         return self._wanted()
 
-    def stop_reading(self) -> int:
-        """Stop taking input (shutdown): finish echoing what is pending, then close."""
-        self.read_closed = True
-        return self._wanted()
+    def discard_input(self) -> bool:
+        """While the daemon stops: read and drop what the peer still sends.
+
+        Closing a socket with unread input makes the kernel answer with RST and
+        drop whatever echo is still in flight to the peer, so a stopping daemon
+        keeps reading (and discarding) while it flushes, and drains what is
+        queued just before it closes. Returns True once the peer has finished
+        (EOF or error)."""
+        recv_into = self.sock.recv_into
+        for _ in range(MAX_READS_PER_EVENT):
+            try:
+                if not recv_into(_buffer):
+                    return True
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+        return False  # more later: new input makes a new edge
 
     def _wanted(self) -> int:
         if self.pending:

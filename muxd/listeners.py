@@ -113,7 +113,13 @@ def inherited_listeners() -> list[Listener] | None:
     listeners = []
     for index in range(fd_count):
         fd = SD_LISTEN_FDS_START + index
-        sock = socket.socket(fileno=fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            raise ListenerError(
+                f"socket activation: LISTEN_FDS={fd_count} but fd {fd} is not an open socket "
+                f"({err.strerror})"
+            ) from None
         os.set_inheritable(fd, False)
         sock.setblocking(False)
         label = fd_names[index] if index < len(fd_names) else f"fd {fd}"

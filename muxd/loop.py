@@ -30,7 +30,7 @@ from muxd.connection import AGAIN, Close, Connection
 from muxd.listeners import Listener
 from muxd.logs import RateLimitedLog, set_level
 from muxd.notify import Notifier, watchdog_interval
-from muxd.pollers import READ, FdOutOfRange, Poller
+from muxd.pollers import READ, WRITE, FdOutOfRange, Poller
 from muxd.resources import raise_nofile
 from muxd.signals import SignalQueue
 from muxd.timers import Timer, Timers
@@ -182,7 +182,10 @@ class EchoServer:
             # newer connection by now.
             if conns.get(conn.fd) is conn and conn.interest & READ:
                 conn.last_active = self._now
-                want = conn.on_readable(0)
+                # The event that carried a hang-up may be the one already
+                # used up: read on to EAGAIN or EOF rather than trusting a
+                # short read, or a FIN could go unnoticed for good.
+                want = conn.on_readable(True)
                 if want != conn.interest:
                     self._apply(conn, want)
 
@@ -310,10 +313,7 @@ class EchoServer:
             self.poller.unregister(fd)
         except (OSError, KeyError):
             pass
-        sock = conn.sock
-        if reason in (Close.IDLE, Close.SHUTDOWN):
-            _discard_unread(sock)
-        sock.close()
+        conn.sock.close()
         counters = self.counters
         counters.closed[Close(reason)] += 1
         counters.bytes_in += conn.bytes_in
@@ -369,8 +369,11 @@ class EchoServer:
         self.notifier.send("STOPPING=1", f"STATUS=stopping ({signame})")
         for listener in list(self.listeners.values()):
             self._close_listener(listener)
+        self._retry.clear()
+        self._dispatch = self._dispatch_stopping
         for conn in list(self.conns.values()):
-            self._apply(conn, conn.stop_reading())
+            conn.read_closed = True
+            self._settle_stopping(conn)
         timeout = self.config.shutdown_timeout
         logger.info("%s: stopping; %d connection(s) still flushing echo (up to %gs)",
                     signame, len(self.conns), timeout)
@@ -378,6 +381,34 @@ class EchoServer:
             # Ask systemd for the drain time on top of its own stop timeout.
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={int((timeout + 5) * 1e6)}")
             self.timers.call_at(self._now + timeout, self._shutdown_deadline)
+
+    def _dispatch_stopping(self, events: list[tuple[int, int]], now: float) -> None:
+        """Dispatch while stopping: no more echo; flush what is pending while
+        dropping the peer's input, then close."""
+        conns_get = self.conns.get
+        readable = self.poller.readable_mask
+        writable = self.poller.writable_mask
+        for fd, event in events:
+            conn = conns_get(fd)
+            if conn is None:
+                self._other_event(fd)
+                continue
+            if event & writable and conn.pending and conn.on_writable() == Close.RESET:
+                self._close(conn, Close.RESET)
+            elif event & readable and conn.discard_input():
+                self._close(conn, Close.SHUTDOWN)
+            else:
+                self._settle_stopping(conn)
+
+    def _settle_stopping(self, conn: Connection) -> None:
+        if not conn.pending:
+            # Nothing more to send: close now, draining queued input first so
+            # the close is an orderly FIN behind the echo, not a RST.
+            conn.discard_input()
+            self._close(conn, Close.SHUTDOWN)
+        elif conn.interest != READ | WRITE:
+            self.poller.modify(conn.fd, READ | WRITE)
+            conn.interest = READ | WRITE
 
     def _shutdown_deadline(self) -> None:
         if self.conns:
@@ -467,18 +498,6 @@ def _soft_nofile() -> int:
     import resource
 
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def _discard_unread(sock: socket.socket) -> None:
-    # Closing a socket with unread input makes the kernel send RST, which can
-    # destroy echo the client has not read yet; read what is already queued
-    # (bounded) so the close is an orderly FIN.
-    try:
-        for _ in range(16):
-            if not sock.recv(65536):
-                break
-    except OSError:
-        pass
 
 
 def _peer_name(peer: object) -> str:
