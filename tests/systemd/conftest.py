@@ -16,20 +16,21 @@ from pathlib import Path
 import pytest
 from nspawn import (
     MUXD_CONFIG,
+    SOURCE_INSIDE,
+    WHEELHOUSE_INSIDE,
     Container,
     apt_mirror,
     build_wheelhouse,
     ensure_rootfs,
     export_tree,
     reset_muxd,
+    run_packaging_script,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 # Another tree to install instead of this checkout (e.g. a release candidate).
 SOURCE = Path(os.environ.get("MUXD_TEST_SOURCE", REPO))
 CACHE = Path(os.environ.get("MUXD_TEST_CACHE", "/var/cache/muxd-test"))
-SOURCE_INSIDE = "/src/muxd"
-WHEELHOUSE_INSIDE = "/wheelhouse"
 REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter")
 
 
@@ -43,16 +44,6 @@ def missing_prerequisite() -> str:
             "(apt-get install --no-install-recommends systemd-container debootstrap)"
         )
     return ""
-
-
-def install_muxd(container: Container) -> str:
-    """Run packaging/install.sh inside, offline, from a directory that is not the repo."""
-    result = container.run(
-        ["bash", "-c", f"cd /tmp && {SOURCE_INSIDE}/packaging/install.sh"],
-        env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE_INSIDE},
-        timeout=300,
-    )
-    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +67,7 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     )
     machine.boot()
     try:
-        install_muxd(machine)
+        run_packaging_script(machine, "install.sh")
         yield machine
     finally:
         machine.poweroff()

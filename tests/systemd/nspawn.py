@@ -461,6 +461,19 @@ def connected(container: Container, port: int = 7, host: str = "127.0.0.1") -> I
 
 MUXD_CONFIG = "/etc/muxd/muxd.ini"
 UNIT_DIR = "/etc/systemd/system"
+SOURCE_INSIDE = "/src/muxd"
+WHEELHOUSE_INSIDE = "/wheelhouse"
+
+
+def run_packaging_script(container: Container, script: str, *args: str) -> str:
+    """Run packaging/SCRIPT inside, offline, from a directory that is not the source tree."""
+    result = container.run(
+        ["bash", "-c", 'cd /tmp && exec "$@"', "-", f"{SOURCE_INSIDE}/packaging/{script}",
+         *args],
+        env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE_INSIDE},
+        timeout=300,
+    )
+    return result.stdout + result.stderr
 
 
 def edit_ini(container: Container, changes: dict[tuple[str, str], str], path: str = MUXD_CONFIG

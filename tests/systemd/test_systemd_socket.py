@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from nspawn import Container, connected, echo_roundtrip
+from nspawn import Container, add_drop_in, connected, echo_roundtrip
 
 pytestmark = pytest.mark.systemd
 
 ATTEMPTS = 200
 ATTEMPT_SPACING = 0.02  # 200 attempts over ~4 s, so the restart lands in the middle
 RESTART_AFTER = 50
+SERVICE_MD = Path(__file__).resolve().parents[2] / "packaging" / "SERVICE.md"
 
 
 def test_first_connection_starts_service_on_inherited_socket(muxd: Container) -> None:
@@ -68,3 +71,30 @@ def test_restart_under_socket_activation_refuses_nothing(muxd: Container) -> Non
     assert elapsed <= 20
     assert muxd.main_pid() not in (0, old_pid)
     assert muxd.show("muxd.service", "ActiveState") == "active"
+
+
+def socket_only_drop_in() -> str:
+    """The drop-in SERVICE.md tells operators to use with socket activation, verbatim."""
+    block = re.search(
+        r"```ini\n# /etc/systemd/system/muxd\.service\.d/override\.conf\n(.*?)```",
+        SERVICE_MD.read_text(),
+        re.S,
+    )
+    assert block, "SERVICE.md lost the socket-activation drop-in"
+    return block.group(1)
+
+
+def test_socket_activation_works_without_any_capability(muxd: Container) -> None:
+    add_drop_in(muxd, "muxd.service", "override", socket_only_drop_in())
+    muxd.systemctl("start", "muxd.socket")
+    with connected(muxd) as sock:
+        assert echo_roundtrip(sock, b"no caps\n") == b"no caps\n"
+    status = muxd.path(f"/proc/{muxd.main_pid()}/status").read_text()
+    for field in ("CapEff", "CapPrm", "CapAmb", "CapBnd"):
+        assert re.search(rf"^{field}:\s+0+$", status, re.M), status
+
+    # On its own, that service cannot bind port 7: it must fail once, not loop.
+    muxd.systemctl("stop", "muxd.socket", "muxd.service")
+    assert muxd.run(["systemctl", "start", "muxd.service"], check=False).returncode != 0
+    assert muxd.show("muxd.service", "ExecMainStatus") == "77"
+    assert muxd.show("muxd.service", "NRestarts") == "0"
