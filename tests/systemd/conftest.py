@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from nspawn import (
+    MACHINE_PREFIX,
     MUXD_CONFIG,
     SOURCE_INSIDE,
     WHEELHOUSE_INSIDE,
@@ -61,7 +62,7 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     wheelhouse = build_wheelhouse(source, work / "wheelhouse")
     machine = Container(
         rootfs,
-        name=f"muxd-test-{os.getpid()}",
+        name=f"{MACHINE_PREFIX}{os.getpid()}",
         binds_ro={source: SOURCE_INSIDE, wheelhouse: WHEELHOUSE_INSIDE},
         log_path=work / "nspawn.log",
     )

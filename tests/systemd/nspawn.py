@@ -58,6 +58,8 @@ MASKED_UNITS = (
 ROOTFS_RECIPE_VERSION = "1"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+MACHINE_PREFIX = "muxd-test-"
 
 
 def wait_until(
@@ -220,6 +222,13 @@ class Container:
     # --- lifecycle -----------------------------------------------------------------------
 
     def boot(self, timeout: float = 90) -> None:
+        # Empty cgroups of earlier runs that were killed before they could clean up
+        # (machine names end in the test runner's PID; a live runner keeps its own).
+        for root in _cgroup_roots():
+            for stale in root.glob(f"nspawn-{MACHINE_PREFIX}*"):
+                owner = stale.name.rsplit("-", 1)[-1]
+                if not (owner.isdigit() and Path(f"/proc/{owner}").exists()):
+                    _remove_cgroup_tree(stale, attempts=1)
         for cgroup in self._cgroups:
             cgroup.mkdir(exist_ok=True)
         command = [
@@ -236,12 +245,15 @@ class Container:
         ]
         cgroup_procs = [str(cgroup / "cgroup.procs") for cgroup in self._cgroups]
 
-        def join_own_cgroup() -> None:
+        def prepare_child() -> None:
             # Without a cgroup of its own, nspawn would take over the test runner's cgroup
             # (and collide with any other container started from it).
             for procs in cgroup_procs:
                 with open(procs, "w") as f:
                     f.write(str(os.getpid()))
+            # If the test runner is killed outright (no fixture teardown), nspawn gets
+            # SIGTERM and shuts the container down instead of leaving it running.
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
         log = open(self.log_path, "wb")
         self.nspawn = subprocess.Popen(
@@ -250,7 +262,7 @@ class Container:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=join_own_cgroup,
+            preexec_fn=prepare_child,
         )
         log.close()
         try:
@@ -417,10 +429,11 @@ class Container:
         return future.result(timeout=timeout + 5)
 
 
-def _remove_cgroup_tree(root: Path) -> None:
+def _remove_cgroup_tree(root: Path, attempts: int = 50) -> None:
+    """Remove a cgroup directory tree; cgroups still holding processes are left alone."""
     if not root.is_dir():
         return
-    for attempt in range(50):
+    for _ in range(attempts):
         # Deepest first: a cgroup can only be removed once it has no children.
         for directory in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
             with contextlib.suppress(OSError):
@@ -430,7 +443,7 @@ def _remove_cgroup_tree(root: Path) -> None:
             return
         except OSError:
             # The last processes may still be exiting.
-            time.sleep(0.1 * (attempt + 1) / 10)
+            time.sleep(0.1)
 
 
 def echo_roundtrip(sock: socket.socket, payload: bytes, timeout: float = 5) -> bytes:
