@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -126,7 +127,7 @@ def ensure_rootfs(cache_root: Path, mirror: str) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_root))
         tree = build / "root"
-        subprocess.run(
+        debootstrap = subprocess.run(
             [
                 "debootstrap",
                 "--variant=minbase",
@@ -135,11 +136,17 @@ def ensure_rootfs(cache_root: Path, mirror: str) -> Path:
                 str(tree),
                 mirror,
             ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            capture_output=True,
+            text=True,
             timeout=900,
         )
+        if debootstrap.returncode != 0:
+            log = tree / "debootstrap/debootstrap.log"
+            details = log.read_text(errors="replace") if log.exists() else debootstrap.stderr
+            raise RuntimeError(
+                f"debootstrap {SUITE} from {mirror} failed ({debootstrap.returncode}):\n"
+                + "\n".join(details.splitlines()[-30:])
+            )
         for unit in MASKED_UNITS:
             link = tree / "etc/systemd/system" / unit
             link.unlink(missing_ok=True)
@@ -157,7 +164,7 @@ def export_tree(repo: Path, dest: Path) -> Path:
     """Copy the project like `git archive` would: no .git, no venvs, no build output."""
     ignore = shutil.ignore_patterns(
         ".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__",
-        ".pytest_cache", ".ruff_cache", ".hypothesis", "out",
+        ".pytest_cache", ".ruff_cache", ".hypothesis",
     )
     shutil.copytree(repo, dest, ignore=ignore, symlinks=True)
     return dest
@@ -166,9 +173,7 @@ def export_tree(repo: Path, dest: Path) -> Path:
 def build_wheelhouse(source: Path, wheelhouse: Path) -> Path:
     """Wheels of muxd, its dependencies and its build backend, for a pip with no index."""
     wheelhouse.mkdir(parents=True, exist_ok=True)
-    pip = [
-        "python3", "-m", "pip", "--disable-pip-version-check", "--no-input", "-q",
-    ]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
     # Building in a copy keeps build/ and *.egg-info out of the caller's tree.
     with tempfile.TemporaryDirectory(prefix="muxd-wheel-src-") as scratch:
         src_copy = export_tree(source, Path(scratch) / "src")
@@ -305,9 +310,14 @@ class Container:
             self._dialer = None
         if self.nspawn is not None and self.nspawn.poll() is None:
             if self.init_pid:
-                asked = self.run(["systemctl", "poweroff", "--no-block"], check=False, timeout=10)
-                if asked.returncode != 0:
-                    # No manager to talk to yet: systemd powers off on SIGRTMIN+4 too.
+                try:
+                    asked = self.run(
+                        ["systemctl", "poweroff", "--no-block"], check=False, timeout=10
+                    ).returncode == 0
+                except subprocess.TimeoutExpired:
+                    asked = False
+                if not asked:
+                    # No manager to talk to (yet): systemd powers off on SIGRTMIN+4 too.
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.init_pid, signal.SIGRTMIN + 4)
             try:
