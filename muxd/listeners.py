@@ -68,34 +68,34 @@ def _bind_one(address: Address, backlog: int) -> socket.socket:
         sock.setblocking(False)
     except OSError as err:
         sock.close()
-        raise _explain_bind_error(address, err) from None
+        raise explain_bind_error(str(address), address.port, err) from None
     return sock
 
 
-def _explain_bind_error(address: Address, err: OSError) -> ListenerError:
+def explain_bind_error(what: str, port: int, err: OSError) -> ListenerError:
+    """Say which address failed, why, and what would fix it."""
     if err.errno == errno.EADDRINUSE:
         return ListenerError(
-            f"cannot listen on {address}: address already in use "
+            f"cannot listen on {what}: address already in use "
             "(another muxd, an echo service, or muxd.socket may hold it)"
         )
     if err.errno in (errno.EACCES, errno.EPERM):
         hint = ""
-        if address.port < 1024:
+        if port < 1024:
             hint = (
-                f"; port {address.port} is privileged: run as root, grant "
+                f"; port {port} is privileged: run as root, grant "
                 "CAP_NET_BIND_SERVICE (AmbientCapabilities= in the unit, or setcap), "
                 "use socket activation, or listen on a port >= 1024"
             )
-        return ListenerError(f"cannot listen on {address}: permission denied{hint}", EX_NOPERM)
+        return ListenerError(f"cannot listen on {what}: permission denied{hint}", EX_NOPERM)
     if err.errno == errno.EADDRNOTAVAIL:
-        return ListenerError(
-            f"cannot listen on {address}: no such local address on this host"
-        )
-    return ListenerError(f"cannot listen on {address}: {err.strerror or err}")
+        return ListenerError(f"cannot listen on {what}: no such local address on this host")
+    return ListenerError(f"cannot listen on {what}: {err.strerror or err}")
 
 
-def inherited_listeners() -> list[Listener] | None:
-    """Sockets passed by systemd socket activation, or None when not activated."""
+def inherited_sockets() -> list[tuple[socket.socket, str]] | None:
+    """Sockets passed by systemd socket activation with their names (from
+    LISTEN_FDNAMES, else "fd N"), or None when not activated."""
     pid = os.environ.get("LISTEN_PID")
     count = os.environ.get("LISTEN_FDS")
     names = os.environ.get("LISTEN_FDNAMES", "")
@@ -110,7 +110,7 @@ def inherited_listeners() -> list[Listener] | None:
     except ValueError:
         return None
     fd_names = names.split(":") if names else []
-    listeners = []
+    inherited = []
     for index in range(fd_count):
         fd = SD_LISTEN_FDS_START + index
         try:
@@ -123,8 +123,8 @@ def inherited_listeners() -> list[Listener] | None:
         os.set_inheritable(fd, False)
         sock.setblocking(False)
         label = fd_names[index] if index < len(fd_names) else f"fd {fd}"
-        listeners.append(Listener(sock, f"{describe(sock)} ({label})"))
-    return listeners
+        inherited.append((sock, label))
+    return inherited
 
 
 def describe(sock: socket.socket) -> str:
