@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("muxd %s starting with %s", __version__, config.source)
     raise_nofile(config.nofile)
 
+    workers = config.workers > 1
     try:
-        listeners, udp_endpoints = _open_sockets(config)
+        # Workers bind their own SO_REUSEPORT sockets after the fork; only
+        # inherited ones are taken here, before the environment is cleared.
+        sockets = _inherited_sockets() if workers else _open_sockets(config)
     except ListenerError as err:
         logger.error("%s", err)
         return err.exit_status
@@ -72,22 +75,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach:
         from muxd.detach import DetachError, detach
 
+        held = [] if sockets is None else [
+            *(listener.sock for listener in sockets[0]),
+            *(endpoint.sock for endpoint in sockets[1]),
+        ]
         try:
-            sockets = [*(listener.sock for listener in listeners),
-                       *(endpoint.sock for endpoint in udp_endpoints)]
-            context = detach(args.pidfile, [sock.fileno() for sock in sockets])
+            context = detach(args.pidfile, [sock.fileno() for sock in held])
         except DetachError as err:
             logger.error("%s", err)
             return EX_CANTCREAT
 
     # Everything below holds descriptors, so it is created after a detach.
-    from muxd.loop import EchoServer
-
     notifier = Notifier()
     hooks = frozenset(filter(None, os.environ.get("MUXD_TEST_HOOKS", "").split(",")))
-    server = EchoServer(config, args.config, listeners, create_poller(config.backend),
-                        notifier, udp_endpoints=udp_endpoints, test_hooks=hooks)
     try:
+        if workers:
+            from muxd.supervisor import Supervisor
+
+            return Supervisor(config, args.config, sockets, notifier, hooks).run()
+        from muxd.loop import EchoServer
+
+        listeners, udp_endpoints = sockets
+        server = EchoServer(config, args.config, listeners, create_poller(config.backend),
+                            notifier, udp_endpoints=udp_endpoints, test_hooks=hooks)
         return server.run()
     finally:
         notifier.close()
@@ -95,19 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             context.close()
 
 
-def _open_sockets(config: Config) -> tuple[list[Listener], list[UdpEndpoint]]:
-    """The TCP listeners and UDP endpoints: inherited from systemd socket
-    activation if it passed any (the config's addresses are then not bound),
-    else bound from the configuration."""
+def _inherited_sockets() -> tuple[list[Listener], list[UdpEndpoint]] | None:
+    """TCP listeners and UDP endpoints passed by systemd socket activation
+    (the config's addresses are then not bound), or None when not activated."""
     inherited = inherited_sockets()
     if inherited is None:
-        listeners = bind_listeners(config.listen, config.backlog)
-        try:
-            return listeners, bind_udp(config.udp)
-        except ListenerError:
-            for listener in listeners:
-                listener.sock.close()
-            raise
+        return None
     if not inherited:
         raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)")
     listeners, endpoints = [], []
@@ -119,3 +122,17 @@ def _open_sockets(config: Config) -> tuple[list[Listener], list[UdpEndpoint]]:
     logger.info("socket activation: %d inherited socket(s); [server] listen and udp are not "
                 "used", len(inherited))
     return listeners, endpoints
+
+
+def _open_sockets(config: Config) -> tuple[list[Listener], list[UdpEndpoint]]:
+    """Inherited sockets, else those bound from the configuration."""
+    inherited = _inherited_sockets()
+    if inherited is not None:
+        return inherited
+    listeners = bind_listeners(config.listen, config.backlog)
+    try:
+        return listeners, bind_udp(config.udp)
+    except ListenerError:
+        for listener in listeners:
+            listener.sock.close()
+        raise

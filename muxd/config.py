@@ -77,6 +77,7 @@ class Config:
     listen: tuple[Address, ...] = (Address("127.0.0.1", 7007),)
     backend: str = "auto"
     backlog: int = 1024
+    workers: int = 1
     nofile: int = 65536
     max_connections: int = 10000
     idle_timeout: float = 300.0
@@ -228,6 +229,13 @@ def _boolean(text: str) -> bool:
         raise ValueError("yes or no") from None
 
 
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    return _parse_int(text, 1, 1024, "auto (one per CPU) or a whole number from 1 to 1024")
+
+
 def _backend(text: str) -> str:
     from muxd.pollers import available_backends
 
@@ -248,6 +256,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("server", "backend"): ("backend", _backend),
     ("server", "backlog"): ("backlog", _int_in(1, 65535)),
     ("server", "udp"): ("udp", parse_optional_addresses),
+    ("server", "workers"): ("workers", _workers),
     ("limits", "nofile"): ("nofile", _int_in(64, 1 << 20)),
     ("limits", "max_connections"): ("max_connections", _int_in(1, 1 << 20)),
     ("limits", "idle_timeout"): ("idle_timeout", _seconds(86400 * 365)),

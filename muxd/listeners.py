@@ -37,12 +37,16 @@ class Listener:
         return self.sock.fileno()
 
 
-def bind_listeners(addresses: tuple[Address, ...], backlog: int) -> list[Listener]:
-    """Bind and listen on every address, or close them all and raise ListenerError."""
+def bind_listeners(addresses: tuple[Address, ...], backlog: int,
+                   reuse_port: bool = False) -> list[Listener]:
+    """Bind and listen on every address, or close them all and raise ListenerError.
+
+    ``reuse_port`` (SO_REUSEPORT) lets each worker process bind its own
+    listener on the same address; the kernel spreads connections among them."""
     listeners: list[Listener] = []
     try:
         for address in addresses:
-            listeners.append(Listener(_bind_one(address, backlog), str(address)))
+            listeners.append(Listener(_bind_one(address, backlog, reuse_port), str(address)))
     except BaseException:
         for listener in listeners:
             listener.sock.close()
@@ -50,7 +54,7 @@ def bind_listeners(addresses: tuple[Address, ...], backlog: int) -> list[Listene
     return listeners
 
 
-def _bind_one(address: Address, backlog: int) -> socket.socket:
+def _bind_one(address: Address, backlog: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -60,6 +64,8 @@ def _bind_one(address: Address, backlog: int) -> socket.socket:
         # A restart must be able to bind at once while the old process's
         # connections sit in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # [::] means both families; the kernel default (bindv6only) may differ.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

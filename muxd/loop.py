@@ -46,7 +46,7 @@ _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                 errno.EOPNOTSUPP, errno.ENETUNREACH}
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_RETRY_DELAY = 0.1
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog")
+RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp")
 
 
 class Counters:

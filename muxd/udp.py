@@ -159,7 +159,7 @@ def _destination(ancillary: list[tuple[int, int, bytes]]) -> str | None:
     return None
 
 
-def bind_udp(addresses: tuple[Address, ...]) -> list[UdpEndpoint]:
+def bind_udp(addresses: tuple[Address, ...], reuse_port: bool = False) -> list[UdpEndpoint]:
     endpoints: list[UdpEndpoint] = []
     try:
         for address in addresses:
@@ -167,6 +167,8 @@ def bind_udp(addresses: tuple[Address, ...]) -> list[UdpEndpoint]:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 sock.bind((address.host, address.port))
