@@ -5,7 +5,8 @@ It proves: echo works through HAProxy in TCP mode; the health check really
 echoes (muxd logs its bytes coming back); leastconn spreads held-open
 connections evenly over both muxd; when one muxd stops, the health check marks
 it DOWN within the ~0.5-1.5 s the example promises, and from then on every new
-connection is echoed by the other one.
+connection is echoed by the other one; started again, it is UP after two good
+checks and takes its share of connections again.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def test_haproxy_example_spreads_echo_and_routes_around_a_stopped_muxd(
     # retries 2 + option redispatch 1: a refused connection is retried on
     # muxd1, so clients do not see the window at all.
     assert failures == 0, f"{failures} of {attempts} failed before DOWN:\n{proxy.log}"
-    assert "muxd/muxd2 is DOWN" in proxy.log
+    wait_until(lambda: "muxd/muxd2 is DOWN" in proxy.log, what="haproxy logging the DOWN")
     # ... and the window was real: connections did go to the stopped muxd2 and
     # were redispatched to muxd1.
     assert int(proxy.servers()["muxd2"]["wredis"]) > 0, proxy.command("show stat")
@@ -265,3 +266,23 @@ def test_haproxy_example_spreads_echo_and_routes_around_a_stopped_muxd(
     assert echoed_connections(muxd2, after_payload) == 0
     servers = proxy.servers()
     assert (servers["muxd1"]["status"], servers["muxd2"]["status"]) == ("UP", "DOWN")
+
+    # A muxd started again on muxd2's address is UP after two good checks
+    # (downinter 2s, then fastinter 500ms, rise 2) and takes connections again.
+    restarted_at = time.monotonic()
+    muxd2 = start_muxd(server_config(ports[1]) + "[logging]\nconnections = yes\n")
+    wait_until(lambda: proxy.servers()["muxd2"]["status"] == "UP", timeout=6.0,
+               what="the restarted muxd2 marked UP")
+    print(f"restarted muxd2 marked UP {time.monotonic() - restarted_at:.2f}s after it started")
+    held = []
+    try:
+        for _ in range(4):
+            sock = connect(front)
+            held.append(sock)
+            assert echo_once(sock, held_payload) == held_payload
+        assert [int(s["scur"]) for s in proxy.servers().values()] == [2, 2]
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: echoed_connections(muxd2, held_payload) == 2,
+               what="the restarted muxd2 logging its 2 connections closed")
