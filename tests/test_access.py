@@ -152,3 +152,16 @@ def test_ipv6_clients_are_grouped_by_prefix(start_muxd, tmp_path, netns) -> None
     )
     # The third comes from another address of the same /64: one client, refused.
     assert json.loads(result.stdout) == ["echo", "echo", "closed", "echo", "echo", "echo"]
+
+
+def test_per_ip_limit_switched_on_by_reload_counts_clients_already_here(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(access_config(port))
+    held = [_held_connection(port, "127.0.0.1") for _ in range(2)]
+    daemon.write_config(access_config(port, max_connections_per_ip="2"))
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait_for("READY", "1")
+    assert attempt(port, "127.0.0.1") == "closed"
+    assert attempt(port, "127.0.0.2") == "echo"
+    for sock in held:
+        sock.close()
