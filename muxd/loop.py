@@ -23,8 +23,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
+from muxd.access import AccessPolicy, client_address, client_group
 from muxd.config import Config, ConfigError, changed_fields, load_config
 from muxd.connection import AGAIN, Close, Connection
 from muxd.listeners import Listener
@@ -34,6 +36,7 @@ from muxd.pollers import READ, WRITE, FdOutOfRange, Poller
 from muxd.resources import raise_nofile
 from muxd.signals import SignalQueue
 from muxd.timers import Timer, Timers
+from muxd.udp import UdpEndpoint, UdpGuard
 
 logger = logging.getLogger("muxd")
 
@@ -43,7 +46,7 @@ _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                 errno.EOPNOTSUPP, errno.ENETUNREACH}
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_RETRY_DELAY = 0.1
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog")
+RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp")
 
 
 class Counters:
@@ -55,12 +58,17 @@ class Counters:
         self.bytes_in = 0  # of closed connections; live ones are added when reported
         self.bytes_out = 0
 
+    @property
+    def refused(self) -> int:
+        return self.closed[Close.LIMIT] + self.closed[Close.ACCESS]
+
     def describe(self, live: list[Connection]) -> str:
         bytes_in = self.bytes_in + sum(conn.bytes_in for conn in live)
         bytes_out = self.bytes_out + sum(conn.bytes_out for conn in live)
         closed = ", ".join(f"{reason.name.lower()} {count}"
                            for reason, count in self.closed.items())
-        return (f"connections: {len(live)} open, {self.accepted} accepted; closed: {closed}; "
+        return (f"connections: {len(live)} open, {self.accepted} accepted, "
+                f"{self.refused} refused; closed by reason: {closed}; "
                 f"bytes in {bytes_in}, out {bytes_out}")
 
 
@@ -72,6 +80,7 @@ class EchoServer:
         listeners: list[Listener],
         poller: Poller,
         notifier: Notifier,
+        udp_endpoints: Sequence[UdpEndpoint] = (),
         test_hooks: frozenset[str] = frozenset(),
     ) -> None:
         self.config = config
@@ -80,26 +89,31 @@ class EchoServer:
         self.notifier = notifier
         self.test_hooks = test_hooks
         self.listeners = {listener.fd: listener for listener in listeners}
+        self.udp = {endpoint.fd: endpoint for endpoint in udp_endpoints}
+        self.access = AccessPolicy.from_config(config)
+        self.udp_guard = UdpGuard(config, self.access)
         self.conns: dict[int, Connection] = {}
+        self._per_client: dict[object, int] = {}  # connections held per client group
         self.counters = Counters()
         self.timers = Timers()
         self.signals = SignalQueue()
         self.stopping = False
         self._retry: list[Connection] = []
+        self._udp_retry: list[UdpEndpoint] = []
         self._ready_listeners: list[Listener] = []
         self._signalled = False
         self._now = time.monotonic()
         self._spare_fd = _open_spare_fd()
         self._housekeeping: Timer | None = None
         self._reported_status = ""
-        self._refusals = RateLimitedLog(logging.WARNING)
+        self._refusals: dict[str, RateLimitedLog] = {}
         self._fd_exhaustion = RateLimitedLog(logging.ERROR)
 
     # --- lifecycle -------------------------------------------------------
 
     def run(self) -> int:
         poller = self.poller
-        for fd in self.listeners:
+        for fd in [*self.listeners, *self.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
         self._schedule_housekeeping()
@@ -107,6 +121,10 @@ class EchoServer:
         if interval is not None:
             self._ping_watchdog(interval)
         logger.info("listening on %s (%s backend)", self._addresses(), poller.name)
+        if self.access.active:
+            logger.info("access: allow %s; deny %s",
+                        ", ".join(map(str, self.access.allow)) or "everyone",
+                        ", ".join(map(str, self.access.deny)) or "no one")
         status = self._status()
         self.notifier.ready(status)
         self._reported_status = status
@@ -123,13 +141,16 @@ class EchoServer:
         monotonic = time.monotonic
         while not (self.stopping and not self.conns):
             retry, self._retry = self._retry, []
-            timeout = 0.0 if retry else timers.timeout(self._now)
+            udp_retry, self._udp_retry = self._udp_retry, []
+            timeout = 0.0 if retry or udp_retry else timers.timeout(self._now)
             events = poller_poll(timeout)
             self._now = now = monotonic()
             if events:
                 self._dispatch(events, now)
             if retry:
                 self._give_extra_turns(retry)
+            for endpoint in udp_retry:
+                self._udp_event(endpoint)
             if self._ready_listeners:
                 ready, self._ready_listeners = self._ready_listeners, []
                 for listener in ready:
@@ -193,9 +214,19 @@ class EchoServer:
         listener = self.listeners.get(fd)
         if listener is not None:
             self._ready_listeners.append(listener)
+        elif fd in self.udp:
+            self._udp_event(self.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
         # else: a stale event for a connection closed earlier in this batch
+
+    def _udp_event(self, endpoint: UdpEndpoint) -> None:
+        # Datagrams are answered in place: no descriptor is created, so this
+        # is safe in the middle of a batch. Past the per-event cap the
+        # endpoint gets another turn, or under edge-triggering it would wait
+        # for the next datagram to make an edge.
+        if endpoint.fd in self.udp and endpoint.on_readable(self.udp_guard, self._now):
+            self._udp_retry.append(endpoint)
 
     # --- accepting -------------------------------------------------------
 
@@ -224,6 +255,11 @@ class EchoServer:
             if len(conns) >= config.max_connections:
                 self._refuse(sock, f"max_connections ({config.max_connections}) reached")
                 continue
+            group = None
+            if self.access.active or config.max_connections_per_ip:
+                group = self._admit(sock, peer)
+                if group is False:
+                    continue
             if fd >= fd_limit:
                 self._refuse(sock, f"the {self.poller.name} backend cannot watch fd {fd} "
                                    f"(limit {fd_limit}; use epoll or poll to hold more)")
@@ -243,13 +279,41 @@ class EchoServer:
                 self._refuse(sock, f"cannot watch a new connection: {err}")
                 continue
             conns[fd] = conn
+            if group is not None:
+                conn.group = group
+                self._per_client[group] = self._per_client.get(group, 0) + 1
             if config.log_connections:
                 logger.info("connect %s on %s", _peer_name(peer), listener.name)
 
-    def _refuse(self, sock: socket.socket, why: str) -> None:
-        self.counters.closed[Close.LIMIT] += 1
+    def _admit(self, sock: socket.socket, peer: object) -> object:
+        """Apply [access] and max_connections_per_ip to a new connection: its
+        per-client group (None if not limited), or False if it was refused."""
+        if not (isinstance(peer, tuple) and peer and peer[0]):
+            return None  # not an IP client (a socket-activated unix socket)
+        address = client_address(peer[0])
+        if self.access.active and not self.access.permits(address):
+            self._refuse(sock, f"{address} is not allowed by [access]", Close.ACCESS)
+            return False
+        limit = self.config.max_connections_per_ip
+        if not limit:
+            return None
+        group = client_group(address, self.config.ipv6_prefix)
+        if self._per_client.get(group, 0) >= limit:
+            what = str(address) if address.version == 4 else \
+                f"{address}/{self.config.ipv6_prefix} (grouped)"
+            self._refuse(sock, f"max_connections_per_ip ({limit}) reached for {what}")
+            return False
+        return group
+
+    def _refuse(self, sock: socket.socket, why: str, reason: Close = Close.LIMIT) -> None:
+        # Closed at once, without reading a byte from it.
+        self.counters.closed[reason] += 1
         sock.close()
-        self._refusals.log(f"refused a connection: {why}")
+        kind = why.partition(" (")[0] if reason == Close.LIMIT else "access"
+        log = self._refusals.get(kind)
+        if log is None:
+            log = self._refusals[kind] = RateLimitedLog(logging.WARNING)
+        log.log(f"refused a connection: {why}")
 
     def _out_of_descriptors(self, listener: Listener, err: OSError) -> None:
         # Stopping here would strand every client queued behind this one:
@@ -309,6 +373,12 @@ class EchoServer:
             reason = Close.SHUTDOWN
         fd = conn.fd
         del self.conns[fd]
+        if conn.group is not None:
+            remaining = self._per_client[conn.group] - 1
+            if remaining:
+                self._per_client[conn.group] = remaining
+            else:
+                del self._per_client[conn.group]
         try:
             self.poller.unregister(fd)
         except (OSError, KeyError):
@@ -328,6 +398,7 @@ class EchoServer:
             self._close(conn, Close.SHUTDOWN)
         for listener in list(self.listeners.values()):
             self._close_listener(listener)
+        self._close_udp()
         self.signals.close()
         self.poller.close()
         if self._spare_fd is not None:
@@ -342,6 +413,12 @@ class EchoServer:
             pass  # not registered while accepting is paused
         listener.sock.close()
 
+    def _close_udp(self) -> None:
+        for endpoint in self.udp.values():
+            self.poller.unregister(endpoint.fd)
+            endpoint.close()
+        self.udp.clear()
+
     # --- signals ---------------------------------------------------------
 
     def _on_signal(self, signum: int) -> None:
@@ -352,7 +429,8 @@ class EchoServer:
         elif signum == signal.SIGHUP:
             self._reload()
         elif signum == signal.SIGUSR1:
-            logger.info("counters: %s", self.counters.describe(list(self.conns.values())))
+            logger.info("counters: %s; %s", self.counters.describe(list(self.conns.values())),
+                        self.udp_guard.describe())
         elif signum == signal.SIGUSR2 and "hang-on-sigusr2" in self.test_hooks:
             logger.warning("test hook: SIGUSR2 hangs the event loop (MUXD_TEST_HOOKS)")
             while True:  # deliberately stuck, so the watchdog can be seen to work
@@ -369,6 +447,7 @@ class EchoServer:
         self.notifier.send("STOPPING=1", f"STATUS=stopping ({signame})")
         for listener in list(self.listeners.values()):
             self._close_listener(listener)
+        self._close_udp()
         self._retry.clear()
         self._dispatch = self._dispatch_stopping
         for conn in list(self.conns.values()):
@@ -395,20 +474,28 @@ class EchoServer:
                 continue
             if event & writable and conn.pending and conn.on_writable() == Close.RESET:
                 self._close(conn, Close.RESET)
-            elif event & readable and conn.discard_input():
-                self._close(conn, Close.SHUTDOWN)
-            else:
-                self._settle_stopping(conn)
+                continue
+            if event & readable and conn.interest & READ:
+                result = conn.discard_input()
+                if result == Close.RESET:
+                    self._close(conn, Close.RESET)
+                    continue
+            self._settle_stopping(conn)  # at EOF the peer may still read its echo
 
     def _settle_stopping(self, conn: Connection) -> None:
         if not conn.pending:
             # Nothing more to send: close now, draining queued input first so
             # the close is an orderly FIN behind the echo, not a RST.
-            conn.discard_input()
+            if not conn.peer_finished:
+                conn.discard_input()
             self._close(conn, Close.SHUTDOWN)
-        elif conn.interest != READ | WRITE:
-            self.poller.modify(conn.fd, READ | WRITE)
-            conn.interest = READ | WRITE
+            return
+        # Watch reads only until the peer's EOF: under level-triggering a
+        # socket at EOF stays readable and would spin the loop.
+        want = WRITE if conn.peer_finished else READ | WRITE
+        if want != conn.interest:
+            self.poller.modify(conn.fd, want)
+            conn.interest = want
 
     def _shutdown_deadline(self) -> None:
         if self.conns:
@@ -435,6 +522,11 @@ class EchoServer:
             new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
         self.config = new
         set_level(new.log_level)
+        self.access = AccessPolicy.from_config(new)
+        self.udp_guard.configure(new, self.access)
+        if (new.max_connections_per_ip, new.ipv6_prefix) != (
+                old.max_connections_per_ip, old.ipv6_prefix):
+            self._regroup_clients()
         if new.nofile > old.nofile:
             raise_nofile(new.nofile)
         if new.idle_timeout != old.idle_timeout:
@@ -443,6 +535,23 @@ class EchoServer:
         logger.info("reloaded %s: %s", new.source if new.source else source,
                     ", ".join(applied) + " changed" if applied else "nothing changed")
         self.notifier.ready(self._status())
+
+    def _regroup_clients(self) -> None:
+        """Count open connections under the per-client limit as it now stands
+        (a limit switched on by a reload counts the clients already here)."""
+        self._per_client.clear()
+        limited = bool(self.config.max_connections_per_ip)
+        for conn in self.conns.values():
+            conn.group = None
+            if not limited:
+                continue
+            try:
+                host = conn.sock.getpeername()[0]
+            except (OSError, IndexError):
+                continue
+            if host:
+                conn.group = client_group(client_address(host), self.config.ipv6_prefix)
+                self._per_client[conn.group] = self._per_client.get(conn.group, 0) + 1
 
     # --- timers ----------------------------------------------------------
 
@@ -466,8 +575,10 @@ class EchoServer:
             if status != self._reported_status:  # at most once per interval, only on change
                 self.notifier.send(f"STATUS={status}")
                 self._reported_status = status
-        self._refusals.flush()
+        for log in self._refusals.values():
+            log.flush()
         self._fd_exhaustion.flush()
+        self.udp_guard.flush_log()
         self._housekeeping = self.timers.call_at(
             self._now + interval, lambda: self._housekeep(interval)
         )
@@ -479,12 +590,20 @@ class EchoServer:
     # --- descriptions ----------------------------------------------------
 
     def _addresses(self) -> str:
-        return ", ".join(listener.name for listener in self.listeners.values())
+        return ", ".join([*(listener.name for listener in self.listeners.values()),
+                          *(endpoint.name for endpoint in self.udp.values())])
 
     def _status(self) -> str:
         count = len(self.conns)
         noun = "connection" if count == 1 else "connections"
-        return f"serving {count} {noun} on {self._addresses()} ({self.poller.name})"
+        status = f"serving {count} {noun} on {self._addresses()} ({self.poller.name})"
+        counters = self.counters
+        if counters.accepted:
+            status += f"; {counters.accepted} accepted, {counters.refused} refused"
+        guard = self.udp_guard
+        if guard.echoed or guard.dropped:
+            status += f"; UDP {guard.echoed} echoed, {sum(guard.dropped.values())} dropped"
+        return status
 
 
 def _open_spare_fd() -> int | None:

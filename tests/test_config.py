@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_shipped_file_documents_every_key_with_the_builtin_defaults() -> None:
     assert replace(shipped, listen=Config().listen, source=Config().source) == Config()
     text = SHIPPED.read_text()
     for section, key in SCHEMA:
-        assert f"\n{key} = " in text, f"[{section}] {key} is not documented"
+        assert re.search(rf"^{key} =", text, re.MULTILINE), f"[{section}] {key} is undocumented"
 
 
 def test_builtin_listen_is_loopback_7007() -> None:
