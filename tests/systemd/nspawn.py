@@ -431,12 +431,20 @@ class Container:
         Only socket creation needs the namespace; a single worker thread joins it once and
         the socket is then used from the calling thread as usual.
         """
+        future = self._in_netns().submit(socket.create_connection, (host, port), timeout)
+        return future.result(timeout=timeout + 5)
+
+    def udp_socket(self, family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+        """An unbound UDP socket in the container's network namespace."""
+        future = self._in_netns().submit(socket.socket, family, socket.SOCK_DGRAM)
+        return future.result(timeout=5)
+
+    def _in_netns(self) -> ThreadPoolExecutor:
         if self._dialer is None:
             self._dialer = ThreadPoolExecutor(
                 max_workers=1, initializer=_enter_netns, initargs=(self.init_pid,)
             )
-        future = self._dialer.submit(socket.create_connection, (host, port), timeout)
-        return future.result(timeout=timeout + 5)
+        return self._dialer
 
 
 def _remove_cgroup_tree(root: Path, attempts: int = 50) -> None:
@@ -467,6 +475,16 @@ def echo_roundtrip(sock: socket.socket, payload: bytes, timeout: float = 5) -> b
             break
         received += chunk
     return bytes(received)
+
+
+def udp_echo(container: Container, payload: bytes, host: str = "127.0.0.1", port: int = 7,
+             timeout: float = 5) -> bytes:
+    """One datagram to the echo port and the datagram that comes back."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with container.udp_socket(family) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(payload, (host, port))
+        return sock.recv(65536)
 
 
 @contextlib.contextmanager
