@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import select
+import socket
 import time
 
 import pytest
 from nspawn import (
     MUXD_CONFIG,
     Container,
+    add_drop_in,
     connected,
     echo_roundtrip,
     edit_ini,
@@ -88,6 +91,42 @@ def test_stop_closes_connections_and_succeeds(muxd: Container) -> None:
     assert muxd.show("muxd", "Result") == "success"
     assert muxd.show("muxd", "ExecMainStatus") == "0"
     assert muxd.show("muxd", "ActiveState") == "inactive"
+
+
+def fill_until_stalled(sock: socket.socket, limit: float = 10) -> int:
+    """Send without reading until every buffer between us and muxd is full; return bytes sent."""
+    sock.setblocking(False)
+    chunk = b"x" * 65536
+    sent = 0
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            # muxd stops reading once its echo buffer is full; half a second without room
+            # to write means that has happened.
+            if not select.select([], [sock], [], 0.5)[1]:
+                return sent
+    raise AssertionError(f"still sending after {limit}s ({sent} bytes): muxd never pushed back")
+
+
+def test_long_drain_extends_the_stop_timeout(muxd: Container) -> None:
+    # Drain (4 s) longer than systemd's stop timeout (2 s): only EXTEND_TIMEOUT_USEC saves it.
+    add_drop_in(muxd, "muxd.service", "short-stop", "[Service]\nTimeoutStopSec=2s\n")
+    edit_ini(muxd, {("limits", "shutdown_timeout"): "4"})
+    muxd.systemctl("start", "muxd")
+    mark = muxd.journal_mark()
+    with connected(muxd) as stuck:
+        fill_until_stalled(stuck)
+        stopping = time.monotonic()
+        muxd.systemctl("stop", "muxd", timeout=30)
+        took = time.monotonic() - stopping
+    assert muxd.show("muxd", "Result") == "success"
+    assert took >= 3, f"stop took {took:.1f}s: the drain did not wait for the stuck client"
+    muxd.wait_for_journal(
+        "-u", "muxd", "-p", "warning", after=mark,
+        match=lambda e: "shutdown_timeout" in e["MESSAGE"],
+    )
 
 
 def start_with_bad_config(muxd: Container) -> int:
