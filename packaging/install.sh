@@ -28,6 +28,9 @@ for unit in muxd.service muxd.socket; do
     [[ -f $script_dir/$unit ]] || die "missing $script_dir/$unit"
 done
 command -v systemctl >/dev/null || die "systemctl not found: this is not a systemd host"
+# sd_booted(3): installing into an image or chroot works, only the reload is left for later.
+systemd_running=no
+[[ -d /run/systemd/system ]] && systemd_running=yes
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "$PYTHON is older than 3.11"
 
@@ -75,13 +78,17 @@ done
 if [[ -f $script_dir/SERVICE.md ]]; then
     install -m 0644 "$script_dir/SERVICE.md" "$PREFIX/SERVICE.md"
 fi
-systemctl daemon-reload
-say "installed muxd.service and muxd.socket into $UNIT_DIR and reloaded systemd"
-
-for unit in muxd.service muxd.socket; do
-    if systemctl is-active --quiet "$unit"; then
-        say "$unit is running the old code: 'systemctl restart $unit' to switch to the new one"
-    fi
-done
+if [[ $systemd_running == yes ]]; then
+    systemctl daemon-reload
+    say "installed muxd.service and muxd.socket into $UNIT_DIR and reloaded systemd"
+    for unit in muxd.service muxd.socket; do
+        if systemctl is-active --quiet "$unit"; then
+            say "$unit is running the old code: 'systemctl restart $unit' to switch to the new one"
+        fi
+    done
+else
+    say "installed muxd.service and muxd.socket into $UNIT_DIR" \
+        "(systemd is not running here: no daemon-reload needed until it boots)"
+fi
 say "next: enable ONE of them, e.g. 'systemctl enable --now muxd.service'" \
     "or 'systemctl enable --now muxd.socket' (see SERVICE.md)"

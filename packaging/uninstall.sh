@@ -22,11 +22,18 @@ done
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 command -v systemctl >/dev/null || die "systemctl not found: this is not a systemd host"
 
+systemd_running=no
+[[ -d /run/systemd/system ]] && systemd_running=yes
+
 # The socket first: stopping only the service would let the next connection start it again.
 for unit in muxd.socket muxd.service; do
-    if systemctl cat "$unit" >/dev/null 2>&1; then
-        systemctl disable --now "$unit" 2>/dev/null || systemctl stop "$unit" || true
+    [[ -e $UNIT_DIR/$unit ]] || continue
+    if [[ $systemd_running == yes ]]; then
+        systemctl disable --now "$unit"
         say "stopped and disabled $unit"
+    else
+        # Offline (image, chroot): disable only removes the [Install] symlinks.
+        systemctl --root=/ disable "$unit"
     fi
 done
 for unit in muxd.service muxd.socket; do
@@ -34,8 +41,10 @@ for unit in muxd.service muxd.socket; do
 done
 # Drop-ins made with 'systemctl edit' belong to the units being removed.
 rm -rf -- "$UNIT_DIR/muxd.service.d" "$UNIT_DIR/muxd.socket.d"
-systemctl daemon-reload
-systemctl reset-failed muxd.service muxd.socket 2>/dev/null || true
+if [[ $systemd_running == yes ]]; then
+    systemctl daemon-reload
+    systemctl reset-failed muxd.service muxd.socket 2>/dev/null || true
+fi
 say "removed the units from $UNIT_DIR"
 
 rm -rf -- "$PREFIX"
