@@ -3,7 +3,7 @@
 Everything the systemd suite needs lives here so that the tests themselves stay declarative:
 a cached Debian root filesystem, a wheelhouse for offline installs, one booted container,
 commands run inside it through nsenter, and sockets opened inside its network namespace.
-See /work/shared/notes/real-systemd.md for why each step is done the way it is.
+shared/notes/real-systemd.md (beside the repo) tells why each step is done the way it is.
 """
 
 from __future__ import annotations
