@@ -81,6 +81,18 @@ def test_nofile_above_hard_limit_is_a_warning(muxd: Container) -> None:
         assert echo_roundtrip(sock, b"still serving\n") == b"still serving\n"
 
 
+def test_sigusr1_logs_counters_to_the_journal(muxd: Container) -> None:
+    muxd.systemctl("start", "muxd")
+    this_run = f"_SYSTEMD_INVOCATION_ID={muxd.show('muxd', 'InvocationID')}"
+    with connected(muxd) as sock:
+        assert echo_roundtrip(sock, b"count me\n") == b"count me\n"
+    # What SERVICE.md tells operators to run.
+    muxd.systemctl("kill", "--kill-who=main", "--signal=SIGUSR1", "muxd")
+    muxd.wait_for_journal(
+        this_run, match=lambda e: "counters" in e["MESSAGE"] and "1 accepted" in e["MESSAGE"]
+    )
+
+
 def test_stop_closes_connections_and_succeeds(muxd: Container) -> None:
     muxd.systemctl("start", "muxd")
     with connected(muxd) as sock:
