@@ -10,7 +10,7 @@ import sys
 from muxd import __version__
 from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, Config, ConfigError, load_config
 from muxd.listeners import Listener, ListenerError, bind_listeners, describe, inherited_sockets
-from muxd.logs import logger, set_level, setup_logging
+from muxd.logs import logger, set_level, setup_logging, stderr_is_journal
 from muxd.notify import Notifier
 from muxd.pollers import create_poller
 from muxd.resources import raise_nofile
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as err:
-        print(f"muxd: configuration error: {err}", file=sys.stderr)
+        # Not through the logger: one plain line for a person at a terminal,
+        # but with the journal's priority prefix when stderr is the journal, so
+        # `journalctl -p err` shows why muxd failed.
+        priority = "<3>" if stderr_is_journal() else ""
+        print(f"{priority}muxd: configuration error: {err}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
         print(f"muxd: configuration OK: {config.source}")

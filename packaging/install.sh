@@ -6,7 +6,7 @@
 # - the config goes to /etc/muxd/muxd.ini only if there is none yet; an existing one is kept
 #   and the new default is written beside it as /etc/muxd/muxd.ini.dist.
 # Offline installs: export PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheelhouse first.
-# Nothing is enabled or started; see packaging/SERVICE.md for that.
+# Nothing is enabled or started; see "Run it as a service" in README.md for that.
 set -euo pipefail
 
 PREFIX=/opt/muxd
@@ -75,9 +75,6 @@ fi
 for unit in muxd.service muxd.socket; do
     install -m 0644 "$script_dir/$unit" "$UNIT_DIR/$unit"
 done
-if [[ -f $script_dir/SERVICE.md ]]; then
-    install -m 0644 "$script_dir/SERVICE.md" "$PREFIX/SERVICE.md"
-fi
 if [[ $systemd_running == yes ]]; then
     systemctl daemon-reload
     say "installed muxd.service and muxd.socket into $UNIT_DIR and reloaded systemd"
@@ -91,4 +88,4 @@ else
         "(systemd is not running here: no daemon-reload needed until it boots)"
 fi
 say "next: enable ONE of them, e.g. 'systemctl enable --now muxd.service'" \
-    "or 'systemctl enable --now muxd.socket' (see SERVICE.md)"
+    "or 'systemctl enable --now muxd.socket' (see \"Run it as a service\" in README.md)"

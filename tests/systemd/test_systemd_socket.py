@@ -15,7 +15,7 @@ pytestmark = pytest.mark.systemd
 ATTEMPTS = 200
 ATTEMPT_SPACING = 0.02  # 200 attempts over ~4 s, so the restart lands in the middle
 RESTART_AFTER = 50
-SERVICE_MD = Path(__file__).resolve().parents[2] / "packaging" / "SERVICE.md"
+SERVICE_MD = Path(__file__).resolve().parents[2] / "README.md"  # "Run it as a service"
 
 
 def test_first_connection_starts_service_on_inherited_socket(muxd: Container) -> None:
@@ -79,13 +79,13 @@ def test_restart_under_socket_activation_refuses_nothing(muxd: Container) -> Non
 
 
 def socket_only_drop_in() -> str:
-    """The drop-in SERVICE.md tells operators to use with socket activation, verbatim."""
+    """The drop-in the README tells operators to use with socket activation, verbatim."""
     block = re.search(
         r"```ini\n# /etc/systemd/system/muxd\.service\.d/override\.conf\n(.*?)```",
         SERVICE_MD.read_text(),
         re.S,
     )
-    assert block, "SERVICE.md lost the socket-activation drop-in"
+    assert block, "the README lost the socket-activation drop-in"
     return block.group(1)
 
 

@@ -1,4 +1,4 @@
-"""The unit files themselves: they verify, and the sandbox scores what SERVICE.md says."""
+"""The unit files themselves: they verify, and the sandbox scores what the README says."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from nspawn import Container
 
 pytestmark = pytest.mark.systemd
 
-SERVICE_MD = Path(__file__).resolve().parents[2] / "packaging" / "SERVICE.md"
+SERVICE_MD = Path(__file__).resolve().parents[2] / "README.md"  # "Run it as a service"
 LEVELS_OK_OR_BETTER = ("PERFECT", "SAFE", "OK")
 
 
@@ -32,5 +32,5 @@ def test_security_exposure_matches_service_md(muxd: Container) -> None:
     score, level = measured.group(1), measured.group(2)
     assert level in LEVELS_OK_OR_BETTER, out
     stated = re.search(r"exposure level ([\d.]+) (\w+)", SERVICE_MD.read_text())
-    assert stated, "packaging/SERVICE.md does not state the exposure level"
+    assert stated, "packaging/the README does not state the exposure level"
     assert (score, level) == (stated.group(1), stated.group(2)), out
