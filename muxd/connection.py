@@ -31,7 +31,7 @@ from muxd.pollers import READ, WRITE
 
 AGAIN = 4  # "call on_readable again next turn, even without a new event"
 
-READ_CHUNK = 65536
+READ_CHUNK = 256 * 1024  # larger than common messages, so one read usually drains the queue
 MAX_READS_PER_EVENT = 16
 MAX_DISCARDS = 1024  # 64 MiB
 
@@ -57,8 +57,7 @@ class Close(IntEnum):
 class Connection:
     __slots__ = (
         "sock", "fd", "peer", "pending", "paused", "read_closed", "interest",
-        "high_water", "last_active", "bytes_in", "bytes_out", "group",
-        "peer_finished",
+        "high_water", "bytes_in", "group", "peer_finished", "progress_mark", "idle_since",
     )
 
     def __init__(self, sock: socket.socket, peer: object, high_water: int, now: float) -> None:
@@ -71,17 +70,31 @@ class Connection:
         self.peer_finished = False  # the peer's EOF has been read
         self.interest = READ
         self.high_water = high_water
-        self.last_active = now
+        # The only byte count kept per message: every byte read is either
+        # echoed or still pending, so bytes_out is derived (below).
         self.bytes_in = 0
-        self.bytes_out = 0
         self.group: object = None  # the per-client-limit key, when that limit is on
+        # Idleness is judged by the loop's periodic sweep from progress (bytes
+        # moved) rather than by a timestamp written on every event.
+        self.progress_mark = 0
+        self.idle_since = now
+
+    @property
+    def bytes_out(self) -> int:
+        pending = self.pending
+        return self.bytes_in - (len(pending) if pending else 0)
+
+    @property
+    def progress(self) -> int:
+        """Grows whenever a byte moves either way."""
+        return self.bytes_in + self.bytes_out
 
     def on_readable(self, peer_may_have_hung_up: int) -> int:
         sock = self.sock
-        recv_into = sock.recv_into
-        for _ in range(MAX_READS_PER_EVENT):
+        reads = 0
+        while True:
             try:
-                received = recv_into(RECV_BUFFER)
+                received = sock.recv_into(RECV_BUFFER)
             except BlockingIOError:
                 break
             except OSError:
@@ -92,29 +105,30 @@ class Connection:
             self.bytes_in += received
             pending = self.pending
             if pending:
-                pending += RECV_VIEW[:received]
+                pending += RECV_VIEW[:received]  # behind what is owed already
             else:
                 try:
                     sent = sock.send(RECV_VIEW[:received])
                 except BlockingIOError:
                     sent = 0
                 except OSError:
+                    self.bytes_in -= received  # neither echoed nor pending
                     return Close.RESET
-                self.bytes_out += sent
                 if sent == received:
                     if received < READ_CHUNK and not peer_may_have_hung_up:
                         return READ  # the common case: all echoed, nothing owed
-                    continue
-                if pending is None:
-                    self.pending = pending = bytearray()
-                pending += RECV_VIEW[sent:received]
-            if len(pending) >= self.high_water:
+                else:
+                    if pending is None:
+                        self.pending = pending = bytearray()
+                    pending += RECV_VIEW[sent:received]
+            if pending and len(pending) >= self.high_water:
                 self.paused = True
                 break
             if received < READ_CHUNK and not peer_may_have_hung_up:
                 break
-        else:
-            return self._wanted() | AGAIN
+            reads += 1
+            if reads == MAX_READS_PER_EVENT:
+                return self._wanted() | AGAIN
         return self._wanted()
 
     def on_writable(self) -> int:
@@ -130,7 +144,6 @@ class Connection:
             # edge-triggering the next EPOLLOUT edge comes when it drains, so
             # one send per event is enough and a retry would only hit EAGAIN.
             del pending[:sent]
-            self.bytes_out += sent
             if self.paused and len(pending) < self.high_water >> 2:
                 self.paused = False
         return self._wanted()

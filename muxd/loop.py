@@ -140,9 +140,16 @@ class EchoServer:
         timers = self.timers
         monotonic = time.monotonic
         while not (self.stopping and not self.conns):
-            retry, self._retry = self._retry, []
-            udp_retry, self._udp_retry = self._udp_retry, []
-            timeout = 0.0 if retry or udp_retry else timers.timeout(self._now)
+            # Per turn, not per event, but with few connections a turn carries
+            # few events: nothing here allocates unless there is work.
+            retry = self._retry
+            udp_retry = self._udp_retry
+            if retry or udp_retry:
+                self._retry = []
+                self._udp_retry = []
+                timeout = 0.0
+            else:
+                timeout = timers.timeout(self._now)
             events = poller_poll(timeout)
             self._now = now = monotonic()
             if events:
@@ -159,7 +166,8 @@ class EchoServer:
                 self._signalled = False
                 for signum in self.signals.take():
                     self._on_signal(signum)
-            timers.run_due(now)
+            if now >= timers.next_due:
+                timers.run_due(now)
 
     # --- the hot path ----------------------------------------------------
 
@@ -173,7 +181,6 @@ class EchoServer:
             if conn is None:
                 self._other_event(fd)
                 continue
-            conn.last_active = now
             want = conn.interest
             if event & writable and conn.pending:
                 want = conn.on_writable()
@@ -202,7 +209,6 @@ class EchoServer:
             # Identity, not just the number: the descriptor may belong to a
             # newer connection by now.
             if conns.get(conn.fd) is conn and conn.interest & READ:
-                conn.last_active = self._now
                 # The event that carried a hang-up may be the one already
                 # used up: read on to EAGAIN or EOF rather than trusting a
                 # short read, or a FIN could go unnoticed for good.
@@ -567,8 +573,21 @@ class EchoServer:
     def _housekeep(self, interval: float) -> None:
         idle = self.config.idle_timeout
         if idle:
-            cutoff = self._now - idle
-            for conn in [c for c in self.conns.values() if c.last_active <= cutoff]:
+            # A connection whose progress has not changed since an earlier
+            # sweep has been idle at least since that sweep: closing waits
+            # for the full idle_timeout after it, so it is never early and
+            # at most one sweep interval late.
+            now = self._now
+            cutoff = now - idle
+            expired = []
+            for conn in self.conns.values():
+                progress = conn.progress
+                if progress != conn.progress_mark:
+                    conn.progress_mark = progress
+                    conn.idle_since = now
+                elif conn.idle_since <= cutoff:
+                    expired.append(conn)
+            for conn in expired:
                 self._close(conn, Close.IDLE)
         if self.notifier.enabled and not self.stopping:
             status = self._status()
