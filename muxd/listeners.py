@@ -55,11 +55,23 @@ def bind_listeners(addresses: tuple[Address, ...], backlog: int,
 
 
 def _bind_one(address: Address, backlog: int, reuse_port: bool) -> socket.socket:
+    sock = bind_socket(address, socket.SOCK_STREAM, reuse_port, str(address))
+    try:
+        sock.listen(backlog)
+    except OSError as err:
+        sock.close()
+        raise explain_bind_error(str(address), address.port, err) from None
+    return sock
+
+
+def bind_socket(address: Address, kind: int, reuse_port: bool, what: str) -> socket.socket:
+    """A non-blocking socket of ``kind`` bound to ``address``, or ListenerError
+    saying which address (``what``) failed and why."""
     family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, kind)
     except OSError as err:
-        raise ListenerError(f"cannot listen on {address}: {err.strerror}") from None
+        raise ListenerError(f"cannot listen on {what}: {err.strerror}") from None
     try:
         # A restart must be able to bind at once while the old process's
         # connections sit in TIME_WAIT.
@@ -70,11 +82,10 @@ def _bind_one(address: Address, backlog: int, reuse_port: bool) -> socket.socket
             # [::] means both families; the kernel default (bindv6only) may differ.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((address.host, address.port))
-        sock.listen(backlog)
         sock.setblocking(False)
     except OSError as err:
         sock.close()
-        raise explain_bind_error(str(address), address.port, err) from None
+        raise explain_bind_error(what, address.port, err) from None
     return sock
 
 

@@ -30,7 +30,7 @@ from collections import Counter
 from muxd.access import AccessPolicy, TokenBuckets, client_address
 from muxd.config import Address, Config
 from muxd.connection import RECV_BUFFER, RECV_VIEW
-from muxd.listeners import describe, explain_bind_error
+from muxd.listeners import bind_socket, describe
 from muxd.logs import RateLimitedLog
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; CPython does not export it
@@ -163,19 +163,7 @@ def bind_udp(addresses: tuple[Address, ...], reuse_port: bool = False) -> list[U
     endpoints: list[UdpEndpoint] = []
     try:
         for address in addresses:
-            family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                sock.bind((address.host, address.port))
-                sock.setblocking(False)
-            except OSError as err:
-                sock.close()
-                raise explain_bind_error(f"udp {address}", address.port, err) from None
+            sock = bind_socket(address, socket.SOCK_DGRAM, reuse_port, f"udp {address}")
             endpoints.append(UdpEndpoint(sock, f"udp {address}"))
     except BaseException:
         for endpoint in endpoints:
