@@ -19,7 +19,7 @@ import select
 import socket
 import time
 
-from daemon_harness import connect, free_port, server_config
+from daemon_harness import free_port, server_config
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +33,9 @@ EXCHANGE_TIMEOUT = 30.0  # per example; an echo that needs longer is a failure
 # one of pseudo-random bytes (a size and a seed, still shrinkable).
 payloads = st.one_of(
     st.binary(min_size=0, max_size=2048),
-    st.tuples(st.integers(1, 1 << 20), st.integers(0, 1 << 32)).map(
+    st.tuples(st.one_of(st.integers(60_000, 70_000), st.integers(200_000, 1 << 20),
+                        st.integers(4 << 20, 8 << 20)),
+              st.integers(0, 1 << 32)).map(
         lambda size_seed: random.Random(size_seed[1]).randbytes(size_seed[0])
     ),
 )
@@ -44,12 +46,22 @@ steps = st.one_of(
     st.tuples(st.just("send"), chunk_sizes),
     st.tuples(st.just("recv"), chunk_sizes),
 )
-client_scripts = st.tuples(payloads, st.lists(steps, max_size=40), st.booleans())
+# The client's receive buffer: loopback's default is megabytes, which would let the
+# daemon write every echo whole; a small one makes its writes fall short, so echo
+# waits in the daemon's pending buffer and is sent on writability.
+receive_buffers = st.sampled_from([0, 2048, 8192, 65536])
+client_scripts = st.tuples(payloads, st.lists(steps, max_size=40), st.booleans(),
+                           receive_buffers)
 
 
 class _Client:
-    def __init__(self, port: int, payload: bytes, half_close: bool) -> None:
-        self.sock = connect(port, timeout=EXCHANGE_TIMEOUT)
+    def __init__(self, port: int, payload: bytes, half_close: bool, receive_buffer: int
+                 ) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(EXCHANGE_TIMEOUT)
+        self.sock.connect(("127.0.0.1", port))
         self.sock.setblocking(False)
         self.payload = payload
         self.sent = 0
@@ -64,7 +76,13 @@ class _Client:
             return
         if not chunk:
             self.eof = True
+        start = len(self.received)
         self.received += chunk
+        # Fail at the first wrong byte rather than wait for bytes that never come.
+        assert chunk == self.payload[start:start + len(chunk)], (
+            f"wrong echo at offset {start}: {len(self.received)} bytes received, "
+            f"{len(self.payload)} sent in all"
+        )
 
     def send_some(self, size: int, deadline: float) -> None:
         """Send the next ``size`` bytes; whenever the socket is full, read echo
@@ -72,14 +90,14 @@ class _Client:
         end = min(len(self.payload), self.sent + size)
         while self.sent < end:
             assert time.monotonic() < deadline, "exchange timed out while sending"
-            _, writable, _ = select.select([], [self.sock], [], 0.05)
+            readable, writable, _ = select.select([self.sock], [self.sock], [], 0.1)
+            if readable:
+                self.read_some(1 << 20)
             if writable:
                 try:
                     self.sent += self.sock.send(self.payload[self.sent:end])
-                    continue
                 except BlockingIOError:
                     pass
-            self.read_some(1 << 20)
 
     def finish(self, deadline: float) -> None:
         self.send_some(len(self.payload), deadline)
@@ -96,11 +114,12 @@ class _Client:
             self.read_some(1 << 20)
 
 
-def _run_scripts(port: int, scripts: list[tuple[bytes, list[tuple[str, int]], bool]],
+def _run_scripts(port: int, scripts: list[tuple[bytes, list[tuple[str, int]], bool, int]],
                  order: list[int]) -> None:
     """Run several clients' scripts at once: ``order`` picks whose step runs next."""
     deadline = time.monotonic() + EXCHANGE_TIMEOUT
-    clients = [_Client(port, payload, half_close) for payload, _, half_close in scripts]
+    clients = [_Client(port, payload, half_close, receive_buffer)
+               for payload, _, half_close, receive_buffer in scripts]
     try:
         cursors = [0] * len(clients)
         for pick in order:
