@@ -401,7 +401,9 @@ class EchoProbe:
                 latency = time.monotonic() - started
                 self.worst_latency = max(self.worst_latency, latency)
                 if echoed != payload:
-                    self.failures.append(f"echo #{self.verified + 1}: wrong bytes "
+                    what = ("connection ended" if payload.startswith(echoed)
+                            else "wrong bytes")
+                    self.failures.append(f"echo #{self.verified + 1}: {what} "
                                          f"({len(echoed)} of {len(payload)} received)")
                     return
                 if latency > self.max_stall:

@@ -13,6 +13,7 @@ import errno
 import os
 import random
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -541,3 +542,88 @@ def test_everything_at_once_while_a_good_client_measures(start_muxd, backend) ->
                                "slowloris", "flooder", "burster"}, chaos.done
     _audit(served, provoked=("out of file descriptors",))
 
+
+
+# --- stopping in the middle of all this -----------------------------------------
+
+
+def test_sigterm_under_hostile_load_exits_0_within_shutdown_timeout(start_muxd, backend) -> None:
+    """SIGTERM while never-readers hold full buffers, slowloris and idle clients
+    wait, and threads keep connecting, resetting and half-closing: the daemon must
+    say STOPPING=1, exit 0 within shutdown_timeout (plus a margin), give no client
+    a wrong byte, and log no error or traceback."""
+    shutdown_timeout = 1.0
+    port = free_port()
+    daemon = start_muxd(server_config(port, backend, buffer_size=65536,
+                                      shutdown_timeout=shutdown_timeout))
+    hogs = [connect(port) for _ in range(20)]
+    _run_threads([lambda sock=sock: push_until_stalled(sock, os.urandom(65536), stall=0.2)
+                  for sock in hogs])
+    lorises = [connect(port) for _ in range(20)]
+    for sock in lorises:
+        sock.sendall(b"G")
+    stop = threading.Event()
+    wrong: list[str] = []
+
+    def churn(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(100_000):
+            if stop.is_set():
+                return
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+            except OSError:
+                return  # the listeners are closed: the daemon is stopping
+            try:
+                payload = rng.randbytes(rng.randint(1, 100_000))
+                if rng.random() < 0.5:
+                    sock.sendall(payload)
+                    reset_close(sock)
+                    continue
+                writer = threading.Thread(target=_send_and_shut, args=(sock, payload))
+                writer.start()
+                echoed = b""
+                try:
+                    echoed = recv_until_eof(sock)
+                except OSError:
+                    pass
+                writer.join(5)
+                if echoed != payload[:len(echoed)]:
+                    wrong.append(f"{len(echoed)} bytes echoed, not a prefix of what was sent")
+            finally:
+                sock.close()
+
+    probe = EchoProbe(port, seed=8).start()
+    wait_until(lambda: probe.verified > 0, what="the probe's first echo")
+    threads = [threading.Thread(target=churn, args=(seed,), daemon=True) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: read_counters(daemon)["accepted"] > 200, what="churn under way")
+    signalled = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("STOPPING", "1")
+    status = daemon.wait(shutdown_timeout + 5)
+    took = time.monotonic() - signalled
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    probe.stop()
+    assert status == 0, daemon.log[-3000:]
+    assert took < shutdown_timeout + 3, f"took {took:.2f}s to stop"
+    assert not any(thread.is_alive() for thread in threads)
+    assert not wrong, wrong[:5]
+    # The probe's connection ends with the daemon; before that, every echo was exact.
+    assert probe.verified > 0
+    assert all("wrong bytes" not in failure for failure in probe.failures), probe.failures
+    errors = unprovoked_errors(daemon.log)
+    assert not errors, "errors logged while stopping:\n" + "\n".join(errors[:20])
+    for sock in hogs + lorises:
+        sock.close()
+
+
+def _send_and_shut(sock: socket.socket, payload: bytes) -> None:
+    try:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the daemon stopped meanwhile
