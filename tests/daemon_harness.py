@@ -262,3 +262,152 @@ def sees_connection_end(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -
     except TimeoutError:
         return False
     return True
+
+
+# --- helpers for the fault, property and soak tests ------------------------
+# (appended; imported here so the section above stays untouched)
+
+import re  # noqa: E402
+import struct  # noqa: E402
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the kernel sends RST instead of FIN, dropping anything
+    queued either way (what a crashing client or a middlebox timeout looks like)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def wait_fds(daemon: Muxd, expected: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Wait until the daemon holds exactly ``expected`` descriptors (its idle count)."""
+    seen: list[int] = []
+
+    def settled() -> bool:
+        seen.append(daemon.open_fds())
+        return seen[-1] == expected
+
+    try:
+        wait_until(settled, timeout, what=f"the daemon's fd count to return to {expected}")
+    except AssertionError:
+        raise AssertionError(
+            f"descriptor leak: daemon holds {seen[-1]} fds, idle value {expected}; "
+            f"fds: {sorted(os.listdir(f'/proc/{daemon.pid}/fd'), key=int)}"
+        ) from None
+
+
+_ERROR_MARKERS = (" ERROR: ", " CRITICAL: ", "Traceback", "<3>", "<2>")
+
+
+def unprovoked_errors(log: str, provoked: tuple[str, ...] = ()) -> list[str]:
+    """Lines of ``log`` that report an error (or a traceback) and contain none of the
+    ``provoked`` substrings, i.e. the errors the test did not cause on purpose."""
+    return [line for line in log.splitlines()
+            if any(marker in line for marker in _ERROR_MARKERS)
+            and not any(text in line for text in provoked)]
+
+
+_COUNTERS = re.compile(r"counters: connections: (\d+) open, (\d+) accepted; closed: (.*?); "
+                       r"bytes in (\d+), out (\d+)")
+
+
+def read_counters(daemon: Muxd, timeout: float = DEFAULT_TIMEOUT) -> dict[str, int]:
+    """SIGUSR1 the daemon and parse the counters line it logs: open, accepted, the
+    closed-by-reason counts (eof, reset, idle, limit, shutdown), bytes_in, bytes_out."""
+    before = len(_COUNTERS.findall(daemon.log))
+    daemon.signal(signal.SIGUSR1)
+    found = wait_until(lambda: (lambda m: m if len(m) > before else None)(
+        _COUNTERS.findall(daemon.log)), timeout, what="the SIGUSR1 counters line")
+    opened, accepted, closed, bytes_in, bytes_out = found[-1]  # type: ignore[index]
+    counts = {"open": int(opened), "accepted": int(accepted),
+              "bytes_in": int(bytes_in), "bytes_out": int(bytes_out)}
+    for reason, count in re.findall(r"(\w+) (\d+)", closed):
+        counts[reason] = int(count)
+    return counts
+
+
+class EchoProbe:
+    """A well-behaved client in a thread: echo a random message, check every byte,
+    repeat until stopped (or ``max_seconds``). Any wrong byte, error, or an echo
+    taking longer than ``max_stall`` seconds is recorded in ``failures`` and ends
+    the probe."""
+
+    def __init__(self, port: int, *, max_stall: float = 2.0, max_size: int = 16384,
+                 seed: int = 0, max_seconds: float = 600.0) -> None:
+        import random
+        import threading
+
+        self.port = port
+        self.max_stall = max_stall
+        self.max_size = max_size
+        self.max_seconds = max_seconds
+        self.rng = random.Random(seed)
+        self.verified = 0
+        self.bytes_verified = 0
+        self.worst_latency = 0.0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._idle = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="echo-probe", daemon=True)
+
+    def start(self) -> EchoProbe:
+        self._thread.start()
+        return self
+
+    def stop(self) -> EchoProbe:
+        self._stop.set()
+        self._thread.join(self.max_stall + 5)
+        if self._thread.is_alive():
+            self.failures.append("the probe thread did not finish")
+        return self
+
+    def pause(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Stop echoing (between two echoes) until ``resume``, e.g. while measuring
+        the daemon's CPU time when nothing should be happening."""
+        self._running.clear()
+        if self._thread.is_alive() and not self._idle.wait(timeout):
+            raise AssertionError("the probe did not pause")
+
+    def resume(self) -> None:
+        self._idle.clear()
+        self._running.set()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        try:
+            sock = connect(self.port, timeout=self.max_stall)
+        except OSError as err:
+            self.failures.append(f"connect: {err!r}")
+            return
+        with sock:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                if not self._running.is_set():
+                    self._idle.set()
+                    self._running.wait(1.0)
+                    continue
+                payload = self.rng.randbytes(self.rng.randint(1, self.max_size))
+                started = time.monotonic()
+                try:
+                    sock.sendall(payload)
+                    echoed = recv_exactly(sock, len(payload))
+                except OSError as err:
+                    self.failures.append(f"echo #{self.verified + 1}: {err!r} after "
+                                         f"{time.monotonic() - started:.3f}s")
+                    return
+                latency = time.monotonic() - started
+                self.worst_latency = max(self.worst_latency, latency)
+                if echoed != payload:
+                    what = ("connection ended" if payload.startswith(echoed)
+                            else "wrong bytes")
+                    self.failures.append(f"echo #{self.verified + 1}: {what} "
+                                         f"({len(echoed)} of {len(payload)} received)")
+                    return
+                if latency > self.max_stall:
+                    self.failures.append(f"echo #{self.verified + 1}: stalled {latency:.3f}s")
+                    return
+                self.verified += 1
+                self.bytes_verified += len(payload)
