@@ -22,6 +22,7 @@ replaced after a back-off that grows while replacements keep dying.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -43,6 +44,7 @@ from muxd.udp import bind_udp
 logger = logging.getLogger("muxd")
 
 EX_SOFTWARE = 70
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESTART_BACKOFF_FIRST = 0.1
 RESTART_BACKOFF_MAX = 5.0
 HEALTHY_AFTER = 10.0  # a worker that lived this long resets its slot's back-off
@@ -85,6 +87,7 @@ class Supervisor:
         self._now = time.monotonic()
         self._reported_status = ""
         self._watchdog = watchdog_interval()
+        self._supervisor_pid = os.getpid()
         self._notify_name = f"\0muxd-supervisor-{os.getpid()}-{os.urandom(4).hex()}"
         self._inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._inbox.bind(self._notify_name)
@@ -142,6 +145,7 @@ class Supervisor:
     def _worker_main(self, index: int) -> int:
         from muxd.loop import EchoServer
 
+        _die_with_parent(self._supervisor_pid)
         # Drop everything of the supervisor's before becoming an ordinary daemon.
         self._signals.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -366,6 +370,22 @@ class Supervisor:
                               *(item.name for item in endpoints)])
         return ", ".join([*map(str, self.config.listen),
                           *(f"udp {address}" for address in self.config.udp)])
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM to this worker when the supervisor dies.
+
+    Under systemd the whole cgroup is killed anyway, but a supervisor killed
+    with SIGKILL elsewhere (detached mode, a test) would leave orphaned
+    workers holding the port. PR_SET_PDEATHSIG is Linux's; elsewhere this
+    does nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _describe_exit(wait_status: int) -> str:

@@ -131,3 +131,22 @@ def test_a_worker_that_cannot_bind_fails_the_start(start_muxd) -> None:
     assert status not in (0, EX_CONFIG)
     assert "address already in use" in second.log
     assert "before it was ready" in second.log
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(workers_config(port, 2))
+    workers = children(daemon.pid)
+    assert len(workers) == 2
+    daemon.process.kill()
+    daemon.process.wait(10)
+    wait_until(lambda: not any(_alive(pid) for pid in workers),
+               what="the orphaned workers to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
