@@ -309,13 +309,13 @@ def unprovoked_errors(log: str, provoked: tuple[str, ...] = ()) -> list[str]:
             and not any(text in line for text in provoked)]
 
 
-_COUNTERS = re.compile(r"counters: connections: (\d+) open, (\d+) accepted; closed: (.*?); "
-                       r"bytes in (\d+), out (\d+)")
+_COUNTERS = re.compile(r"counters: connections: (\d+) open, (\d+) accepted, \d+ refused; "
+                       r"closed by reason: (.*?); bytes in (\d+), out (\d+)")
 
 
 def read_counters(daemon: Muxd, timeout: float = DEFAULT_TIMEOUT) -> dict[str, int]:
     """SIGUSR1 the daemon and parse the counters line it logs: open, accepted, the
-    closed-by-reason counts (eof, reset, idle, limit, shutdown), bytes_in, bytes_out."""
+    closed-by-reason counts (eof, reset, idle, limit, shutdown, access), bytes_in, bytes_out."""
     before = len(_COUNTERS.findall(daemon.log))
     daemon.signal(signal.SIGUSR1)
     found = wait_until(lambda: (lambda m: m if len(m) > before else None)(

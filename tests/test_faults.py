@@ -68,7 +68,8 @@ def _audit(served: Served, provoked: tuple[str, ...] = ()) -> dict[str, int]:
         assert echo_once(sock, payload) == payload
     wait_fds(daemon, served.idle_fds)
     counts = read_counters(daemon)
-    closed = sum(counts[reason] for reason in ("eof", "reset", "idle", "limit", "shutdown"))
+    reasons = ("eof", "reset", "idle", "limit", "shutdown", "access")
+    closed = sum(counts[reason] for reason in reasons)
     assert counts["open"] == 0, counts
     assert counts["accepted"] == closed, f"accepted connections unaccounted for: {counts}"
     errors = unprovoked_errors(daemon.log, provoked)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
 import select
@@ -235,6 +236,22 @@ valid_values = {
     ("limits", "shutdown_timeout"): st.floats(0, 3600).map(lambda x: (repr(x), x)),
     ("logging", "level"): st.sampled_from([("Debug", "debug"), ("error", "error")]),
     ("logging", "connections"): st.sampled_from([("yes", True), ("off", False), ("1", True)]),
+    ("server", "udp"): st.sampled_from([
+        ("", ()), ("[::]:7", (("::", 7),)),
+        ("127.0.0.1:7, [::1]:7", (("127.0.0.1", 7), ("::1", 7))),
+    ]),
+    ("server", "workers"): st.integers(1, 1024).map(lambda n: (str(n), n)),
+    ("limits", "max_connections_per_ip"): st.integers(0, 1 << 20).map(lambda n: (str(n), n)),
+    ("limits", "ipv6_prefix"): st.integers(1, 128).map(lambda n: (str(n), n)),
+    ("limits", "udp_rate"): st.floats(0, 1_000_000).map(lambda x: (repr(x), x)),
+    ("limits", "udp_total_rate"): st.floats(0, 1_000_000).map(lambda x: (repr(x), x)),
+    ("access", "allow"): st.sampled_from([
+        ("", ()), ("10.0.0.0/8", (ipaddress.ip_network("10.0.0.0/8"),)),
+        ("::1, 192.0.2.7", (ipaddress.ip_network("::1/128"), ipaddress.ip_network("192.0.2.7/32"))),
+    ]),
+    ("access", "deny"): st.sampled_from([
+        ("", ()), ("2001:db8::/32", (ipaddress.ip_network("2001:db8::/32"),)),
+    ]),
 }
 
 
@@ -264,7 +281,7 @@ def test_config_parser_returns_exactly_what_a_valid_file_says(generated) -> None
     config = parse_config_text(text, "valid.ini")
     for field, value in expected.items():
         actual = getattr(config, field)
-        if field == "listen":
+        if field in ("listen", "udp"):
             actual = tuple((address.host, address.port) for address in actual)
         if isinstance(value, float):
             assume(not math.isnan(value))
