@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench import OUT_DIR
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="repetitions per server (default 5)")
     parser.add_argument("--duration", type=float, help="measured seconds per run (default 2)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each window")
+    parser.add_argument("--out", type=Path, default=OUT_DIR,
+                        help="where results.json, summary.md and plots go (default bench/out)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--list", action="store_true", help="list scenarios and servers")
     args = parser.parse_args(argv)  # fmt: skip
@@ -105,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{settings['server_core']}, load client on core {settings['client_core']}; "
           f"{args.reps} reps x {args.duration}s\n")  # fmt: skip
     print(report(results))
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "results.json").write_text(json.dumps(results, indent=1))
-    (OUT_DIR / "summary.md").write_text(report(results, markdown=True))
-    plots = [] if args.no_plots else write_plots(results, OUT_DIR)
-    print(f"raw samples: {OUT_DIR / 'results.json'}; plots: {', '.join(map(str, plots)) or 'none'}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "summary.md").write_text(report(results, markdown=True))
+    plots = [] if args.no_plots else write_plots(results, args.out)
+    plot_list = ", ".join(map(str, plots)) or "none"
+    print(f"raw samples: {args.out / 'results.json'}; plots: {plot_list}")
     return 0
 
 
