@@ -5,6 +5,7 @@ Writes bench/out/results.json (raw samples), bench/out/summary.md and PNG plots.
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # SystemExit unwinds through the runner's finally blocks, which stop every child.
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse_args(argv)
     if args.list:
         _list()
