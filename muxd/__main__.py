@@ -1,0 +1,3 @@
+from muxd.cli import main
+
+raise SystemExit(main())

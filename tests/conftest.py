@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from daemon_harness import Muxd  # noqa: E402
+
+from muxd.pollers import available_backends  # noqa: E402
+
+
+@pytest.fixture(params=available_backends())
+def backend(request: pytest.FixtureRequest) -> str:
+    """Run the test once per backend this platform has, like CPython's test_selectors."""
+    return request.param
+
+
+@pytest.fixture
+def start_muxd(tmp_path: Path) -> Iterator[Callable[..., Muxd]]:
+    """Start muxd processes that are killed (by PID) when the test ends, pass or fail."""
+    started: list[Muxd] = []
+
+    def start(config_text: str | None = None, *, ready: bool = True, **kwargs: object) -> Muxd:
+        workdir = tmp_path / f"muxd{len(started)}"
+        workdir.mkdir()
+        daemon = Muxd(workdir, config_text, **kwargs)
+        started.append(daemon)
+        if ready:
+            daemon.wait_ready()
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()

@@ -1,0 +1,226 @@
+"""Start the real muxd as a subprocess and talk to it the way systemd and clients do.
+
+``NotifySocket`` is what systemd does for a Type=notify service: an AF_UNIX
+datagram socket whose path goes into NOTIFY_SOCKET. Tests wait on its
+messages (READY=1, STATUS=, STOPPING=1 ...) instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_TIMEOUT = 10.0
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = DEFAULT_TIMEOUT,
+               interval: float = 0.02, what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def raise_own_nofile(wanted: int) -> None:
+    """Tests that open thousands of client sockets must first be allowed to."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= wanted, "cannot raise RLIMIT_NOFILE"
+
+
+class NotifySocket:
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[dict[str, str]] = []
+
+    def _receive(self, timeout: float) -> dict[str, str] | None:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return None
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        self.messages.append(fields)
+        return fields
+
+    def wait_for(self, key: str, value: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, contains: str | None = None) -> dict[str, str]:
+        """The next message (after those already seen) that sets ``key`` as asked."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"no notification {key}={value or contains or '*'} within {timeout}s; "
+                    f"got {self.messages}"
+                )
+            message = self._receive(remaining)
+            if message is None or key not in message:
+                continue
+            if value is not None and message[key] != value:
+                continue
+            if contains is not None and contains not in message[key]:
+                continue
+            return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Muxd:
+    """One muxd process with its own config file, notify socket and log."""
+
+    def __init__(self, workdir: Path, config_text: str | None = None, *,
+                 args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 nofile: tuple[int, int] | None = None, notify: bool = True,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / "muxd.ini"
+        if config_text is not None:
+            self.write_config(config_text)
+            args = ("--config", str(self.config_path), *args)
+        self.log_path = workdir / f"muxd-{time.monotonic_ns()}.log"
+        self.notify = NotifySocket(workdir / f"notify-{time.monotonic_ns()}") if notify else None
+        full_env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "JOURNAL_"))}
+        if self.notify is not None:
+            full_env["NOTIFY_SOCKET"] = self.notify.path
+        full_env.update(env or {})
+
+        def before_exec() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+            if preexec is not None:
+                preexec()
+
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "muxd", *args],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            env=full_env, cwd=workdir, preexec_fn=before_exec,
+        )
+        self.pid = self.process.pid
+
+    def write_config(self, text: str) -> None:
+        self.config_path.write_text(textwrap.dedent(text))
+
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, str]:
+        assert self.notify is not None
+        try:
+            return self.notify.wait_for("READY", "1", timeout=timeout)
+        except AssertionError:
+            raise AssertionError(f"muxd not ready; exit {self.process.poll()}; log:\n{self.log}")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        wait_until(lambda: text in self.log, timeout, what=f"log line containing {text!r}")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(DEFAULT_TIMEOUT)
+        self._log.close()
+        if self.notify is not None:
+            self.notify.close()
+
+
+def server_config(port: int, backend: str = "auto", **limits: object) -> str:
+    """A config listening on 127.0.0.1:port with the given [limits] keys."""
+    lines = ["[server]", f"listen = 127.0.0.1:{port}", f"backend = {backend}", "[limits]"]
+    lines += [f"{key} = {value}" for key, value in limits.items()]
+    return "\n".join(lines) + "\n"
+
+
+def connect(port: int, host: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT
+            ) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def echo_once(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    return recv_exactly(sock, len(payload))
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            break
+        chunks += chunk
+    return bytes(chunks)
+
+
+def recv_until_eof(sock: socket.socket, limit: int = 1 << 30) -> bytes:
+    data = bytearray()
+    while len(data) < limit:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def sees_connection_end(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """True when the server ended the connection (EOF or reset) within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return True
