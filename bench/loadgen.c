@@ -58,7 +58,8 @@ static struct {
     double duration, warmup, connect_timeout;
     int wait_go, batch;
     long server_pid;
-} opt = {"127.0.0.1", 0, 10, 1024, 1, 0, 2.0, 0.5, 30.0, 0, 256, 0};
+    int server_core, client_core;
+} opt = {"127.0.0.1", 0, 10, 1024, 1, 0, 2.0, 0.5, 30.0, 0, 256, 0, -1, -1};
 
 static unsigned char *pattern;  /* PATTERN_PERIOD + max_chunk bytes */
 static size_t max_chunk;
@@ -114,6 +115,40 @@ static double cpu_seconds_of(long pid) {
     if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime) != 2)
         return -1;
     return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
+}
+
+/* Busy and total jiffies of one CPU from /proc/stat. Loopback packet delivery runs in
+ * softirq context, which per-process utime/stime only partly see; the whole core's
+ * busy time (user+system+irq+softirq, everything but idle/iowait) is the full cost of
+ * serving when the server is the only thing pinned there. */
+struct core_time { double busy, total, softirq; };
+
+static struct core_time core_time_of(int core) {
+    struct core_time t = {-1, -1, -1};
+    if (core < 0) return t;
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return t;
+    char line[512], want[16];
+    int len = snprintf(want, sizeof want, "cpu%d ", core);
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, want, (size_t)len) != 0) continue;
+        unsigned long long v[8] = {0};
+        if (sscanf(line + len, "%llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
+                   &v[3], &v[4], &v[5], &v[6], &v[7]) == 8) {
+            double hz = (double)sysconf(_SC_CLK_TCK), total = 0;
+            for (int i = 0; i < 8; i++) total += (double)v[i];
+            t.total = total / hz;
+            t.busy = (total - (double)v[3] - (double)v[4]) / hz;
+            t.softirq = (double)v[6] / hz;
+        }
+        break;
+    }
+    fclose(f);
+    return t;
+}
+
+static double pct(double part, double whole) {
+    return whole > 0 && part >= 0 ? 100.0 * part / whole : -1;
 }
 
 static void raise_nofile(void) {
@@ -309,7 +344,8 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --port P [--host H] [--conns N] [--size S] [--depth D]\n"
             "               [--duration T] [--warmup W] [--idle I] [--wait-go]\n"
-            "               [--server-pid PID] [--connect-timeout S] [--batch B]\n");
+            "               [--server-pid PID] [--connect-timeout S] [--batch B]\n"
+            "               [--server-core C] [--client-core C]\n");
     exit(2);
 }
 
@@ -319,6 +355,7 @@ static void parse_args(int argc, char **argv) {
         {"size", 1, 0, 's'},     {"depth", 1, 0, 'd'},      {"duration", 1, 0, 't'},
         {"warmup", 1, 0, 'w'},   {"idle", 1, 0, 'i'},       {"wait-go", 0, 0, 'g'},
         {"server-pid", 1, 0, 'P'}, {"connect-timeout", 1, 0, 'c'}, {"batch", 1, 0, 'b'},
+        {"server-core", 1, 0, 'S'}, {"client-core", 1, 0, 'C'},
         {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -335,6 +372,8 @@ static void parse_args(int argc, char **argv) {
         case 'P': opt.server_pid = atol(optarg); break;
         case 'c': opt.connect_timeout = atof(optarg); break;
         case 'b': opt.batch = atoi(optarg); break;
+        case 'S': opt.server_core = atoi(optarg); break;
+        case 'C': opt.client_core = atoi(optarg); break;
         default: usage();
         }
     }
@@ -387,6 +426,8 @@ int main(int argc, char **argv) {
     uint64_t window_end = window_start + (uint64_t)(opt.duration * 1e9);
     uint64_t drain_end = window_end + (uint64_t)(DRAIN_SECONDS * 1e9);
     double client_cpu0 = 0, server_cpu0 = -1, client_cpu1 = 0, server_cpu1 = -1;
+    struct core_time server_core0 = {-1, -1, -1}, server_core1 = server_core0;
+    struct core_time client_core0 = server_core0, client_core1 = server_core0;
     uint64_t measured_start = 0, measured_end = 0;
     struct epoll_event evs[MAX_EVENTS];
 
@@ -397,11 +438,15 @@ int main(int argc, char **argv) {
             measured_start = t;
             client_cpu0 = cpu_seconds_self();
             server_cpu0 = cpu_seconds_of(opt.server_pid);
+            server_core0 = core_time_of(opt.server_core);
+            client_core0 = core_time_of(opt.client_core);
         }
         if (recording && t >= window_end) {
             measured_end = t;
             client_cpu1 = cpu_seconds_self();
             server_cpu1 = cpu_seconds_of(opt.server_pid);
+            server_core1 = core_time_of(opt.server_core);
+            client_core1 = core_time_of(opt.client_core);
             recording = 0;
             generating = 0;
         }
@@ -448,12 +493,21 @@ int main(int argc, char **argv) {
     qsort(lat_ns, lat_len, sizeof *lat_ns, cmp_u32);
     double client_cpu = client_cpu1 - client_cpu0;
     double server_cpu = server_cpu0 >= 0 && server_cpu1 >= 0 ? server_cpu1 - server_cpu0 : -1;
+    int have_cores = server_core0.total >= 0 && server_core1.total >= 0 &&
+                     client_core0.total >= 0 && client_core1.total >= 0;
+    double server_core_busy = have_cores ? server_core1.busy - server_core0.busy : -1;
+    double server_core_total = have_cores ? server_core1.total - server_core0.total : -1;
+    double server_core_softirq = have_cores ? server_core1.softirq - server_core0.softirq : -1;
+    double client_core_busy = have_cores ? client_core1.busy - client_core0.busy : -1;
+    double client_core_total = have_cores ? client_core1.total - client_core0.total : -1;
     printf("{\"conns\": %ld, \"conns_connected\": %ld, \"size\": %ld, \"depth\": %ld, "
            "\"idle\": %ld, \"idle_connected\": %ld, \"seconds\": %.6f, \"msgs\": %llu, "
            "\"bytes\": %llu, \"msgs_per_s\": %.1f, \"mib_per_s\": %.3f, "
            "\"p50_us\": %.2f, \"p90_us\": %.2f, \"p99_us\": %.2f, \"p999_us\": %.2f, "
            "\"max_us\": %.2f, \"client_cpu_s\": %.4f, \"client_cpu_pct\": %.1f, "
            "\"server_cpu_s\": %.4f, \"server_cpu_pct\": %.1f, \"server_cpu_us_per_msg\": %.4f, "
+           "\"server_core_busy_pct\": %.1f, \"server_core_softirq_pct\": %.1f, "
+           "\"server_core_us_per_msg\": %.4f, \"client_core_busy_pct\": %.1f, "
            "\"verified_bytes\": %llu, \"errors\": %llu, \"first_error\": \"%s\"}\n",
            opt.conns, active_ok, opt.size, opt.depth, opt.idle, idle_ok, secs,
            (unsigned long long)total_msgs, (unsigned long long)total_bytes,
@@ -462,6 +516,8 @@ int main(int argc, char **argv) {
            lat_len ? lat_ns[lat_len - 1] / 1000.0 : -1.0, client_cpu, 100.0 * client_cpu / secs,
            server_cpu, server_cpu >= 0 ? 100.0 * server_cpu / secs : -1.0,
            server_cpu >= 0 && total_msgs ? server_cpu * 1e6 / (double)total_msgs : -1.0,
-           (unsigned long long)verified_bytes, (unsigned long long)errors, first_error);
+           pct(server_core_busy, server_core_total), pct(server_core_softirq, server_core_total),
+           have_cores && total_msgs ? server_core_busy * 1e6 / (double)total_msgs : -1.0,
+           pct(client_core_busy, client_core_total), (unsigned long long)verified_bytes, (unsigned long long)errors, first_error);
     return errors ? 1 : 0;
 }

@@ -30,7 +30,8 @@ def run_loadgen(
     load: Load,
     port: int,
     server_pid: int,
-    core: int,
+    server_core: int,
+    client_core: int,
     duration: float,
     warmup: float,
     on_idle_connected: Callable[[], None] | None = None,
@@ -51,6 +52,8 @@ def run_loadgen(
         f"--duration={duration}",
         f"--warmup={warmup}",
         f"--server-pid={server_pid}",
+        f"--server-core={server_core}",
+        f"--client-core={client_core}",
     ]
     if on_idle_connected is not None:
         argv.append("--wait-go")
@@ -60,7 +63,7 @@ def run_loadgen(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=functools.partial(pin_to_core, core),
+        preexec_fn=functools.partial(pin_to_core, client_core),
     )
     try:
         if on_idle_connected is not None:

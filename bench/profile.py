@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
         try:
             result = run_loadgen(
-                Load(args.conns, args.size), server.port, server.pid, client_core,
+                Load(args.conns, args.size), server.port, server.pid, server_core, client_core,
                 duration=args.seconds, warmup=0.5,
             )  # fmt: skip
             sampler.wait(timeout=args.seconds + 60)

@@ -61,6 +61,7 @@ def _measure_throughput(server: RunningServer, scenario: Scenario, settings: Set
         scenario.load,
         server.port,
         server.pid,
+        settings.server_core,
         settings.client_core,
         settings.duration,
         settings.warmup,
@@ -86,6 +87,7 @@ def _measure_memory(server: RunningServer, scenario: Scenario, settings: Setting
         scenario.load,
         server.port,
         server.pid,
+        settings.server_core,
         settings.client_core,
         duration=0,
         warmup=0,
@@ -145,7 +147,8 @@ def _report_progress(scenario: Scenario, sample: Sample) -> None:
     else:
         detail = (
             f"{sample['msgs_per_s']:>10,.0f} msg/s  {sample['server_cpu_us_per_msg']:6.2f} us/msg"
-            f"  client cpu {sample['client_cpu_pct']:.0f}%"
+            f"  core {sample['server_core_busy_pct']:.0f}% / client core "
+            f"{sample['client_core_busy_pct']:.0f}%"
         )
     print(
         f"  [{scenario.name} rep {sample['rep'] + 1}] {sample['server']:<17} {detail}",
