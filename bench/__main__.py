@@ -17,7 +17,7 @@ from bench.build import EPOLL_ECHO_SOURCE, LOADGEN_SOURCE, BuildError, compiled
 from bench.machine import machine_info
 from bench.plots import write_plots
 from bench.runner import Settings, pick_cores, run_scenario
-from bench.scenarios import SCENARIOS
+from bench.scenarios import SCENARIOS, Scenario
 from bench.servers import SERVERS, muxd_available
 
 FULL = {"reps": 5, "duration": 2.0, "warmup": 0.5}
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenario", action="append", type=_csv, default=[],
                         help="scenario name(s), comma-separated or repeated (default: all)")
     parser.add_argument("--servers", type=_csv, default=None,
-                        help="only these servers, in this order (default: each scenario's own)")
+                        help="run these servers, in this order, instead of each scenario's list")
     parser.add_argument("--quick", action="store_true",
                         help="tiny run: 1 rep of 0.5 s (explicit --reps/--duration still win)")
     parser.add_argument("--reps", type=int, help="repetitions per server (default 5)")
@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown scenario/server: {', '.join(unknown)} (see --list)")
     return args
+
+
+def can_hold(server: str, scenario: Scenario) -> bool:
+    """Whether the server can take the scenario's connections at all (select: < 1024 fds)."""
+    limit = SERVERS[server].max_connections
+    return limit is None or scenario.load.conns + scenario.load.idle <= limit
 
 
 def _list() -> None:
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     for name in args.scenario:
         scenario = SCENARIOS[name]
-        servers = [s for s in (args.servers or scenario.servers) if s in scenario.servers]
+        servers = [s for s in (args.servers or scenario.servers) if can_hold(s, scenario)]
         if not servers:
             continue
         print(f"{name}: {scenario.title}", file=sys.stderr, flush=True)

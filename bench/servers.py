@@ -36,6 +36,8 @@ class ServerSpec:
     argv: Callable[[int, Path], list[str]]
     # select() cannot watch descriptors >= FD_SETSIZE, so such servers cap out near 1000.
     max_connections: int | None = None
+    # Where the child runs; ``python -m`` imports from there first.
+    cwd: Callable[[], Path] = lambda: REPO_ROOT
 
 
 def _python_module(module: str, port: int, _scratch: Path) -> list[str]:
@@ -69,9 +71,30 @@ level = warning
 """
 
 
+# A/B testing a hot-path change: point this at another checkout (or a patched copy) of
+# muxd and compare "muxd" with "muxd-candidate" in the same alternating run.
+CANDIDATE_ENV = "BENCH_MUXD_CANDIDATE"
+
+
+def _candidate_root() -> Path:
+    root = os.environ.get(CANDIDATE_ENV)
+    if not root or not (Path(root) / "muxd" / "__main__.py").exists():
+        raise ServerUnavailable(f"set {CANDIDATE_ENV} to a directory containing muxd/")
+    return Path(root).resolve()
+
+
+def _muxd_candidate(port: int, scratch: Path) -> list[str]:
+    _candidate_root()
+    return _muxd_argv("epoll", port, scratch)
+
+
 def _muxd(backend: str, port: int, scratch: Path) -> list[str]:
     if not muxd_available():
         raise ServerUnavailable("muxd is not in this checkout yet (no muxd/__main__.py)")
+    return _muxd_argv(backend, port, scratch)
+
+
+def _muxd_argv(backend: str, port: int, scratch: Path) -> list[str]:
     config = scratch / "muxd.ini"
     config.write_text(MUXD_CONFIG.format(port=port, backend=backend))
     return [sys.executable, "-m", "muxd", "--config", str(config)]
@@ -87,6 +110,12 @@ SERVERS: dict[str, ServerSpec] = {
             "muxd, backend=select",
             functools.partial(_muxd, "select"),
             max_connections=1000,
+        ),
+        ServerSpec(
+            "muxd-candidate",
+            f"muxd (epoll) from ${CANDIDATE_ENV}",
+            _muxd_candidate,
+            cwd=_candidate_root,
         ),
         ServerSpec("c-epoll", "minimal C epoll echo (ceiling)", _c_epoll_peer),
         ServerSpec("uvloop", "uvloop Protocol", _uvloop_peer),
@@ -177,11 +206,12 @@ def running_server(spec: ServerSpec, core: int) -> Iterator[RunningServer]:
         scratch = Path(scratch_dir)
         port = free_port()
         argv = spec.argv(port, scratch)
+        cwd = spec.cwd()
         log = scratch / "stderr.log"
         with open(log, "wb") as stderr:
             process = subprocess.Popen(
                 argv,
-                cwd=REPO_ROOT,
+                cwd=cwd,
                 env=_child_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
