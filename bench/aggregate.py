@@ -39,9 +39,12 @@ def _median(samples: list[dict[str, Any]], metric: str) -> float | None:
     return None if found is None else found.median
 
 
-def ratio_to_baseline(result: dict[str, Any], server: str) -> float | None:
-    """Server's headline median divided by muxd's (>1: more msg/s, or more bytes per conn)."""
-    metric = result["headline"]
+def ratio_to_baseline(
+    result: dict[str, Any], server: str, metric: str | None = None
+) -> float | None:
+    """Server's median divided by muxd's, of the headline metric unless told otherwise
+    (>1: more msg/s, more bytes per conn, or more CPU per message)."""
+    metric = metric or result["headline"]
     mine = _median(result["samples"].get(server, []), metric)
     base = _median(result["samples"].get(BASELINE_SERVER, []), metric)
     if mine is None or not base:
@@ -50,17 +53,23 @@ def ratio_to_baseline(result: dict[str, Any], server: str) -> float | None:
 
 
 # "srv us/msg": the server process's utime+stime per echoed message: the cost measure that
-# does not depend on whether the load client kept up. The "core busy%" columns (whole-CPU
-# busy time from /proc/stat, softirq included) show which side was the bottleneck; the
-# client's headroom is 100 minus its core's busy%.
+# does not depend on whether the load client kept up. "core busy%" is a whole CPU's busy
+# time from /proc/stat (softirq and any other tenant included): the server core near 100%
+# means the server was the bottleneck. The client's headroom is 100 - "client CPU%"; a
+# client core far busier than the client itself means something else ran there.
 THROUGHPUT_COLUMNS = [
-    "server", "msg/s median [min-max]", "MiB/s", "vs muxd", "srv us/msg",
-    "srv core busy%", "client core busy%", "p50 us", "p99 us", "ok/runs",
+    "server", "msg/s median [min-max]", "MiB/s", "vs muxd", "srv us/msg [min-max]",
+    "us/msg vs muxd", "srv core busy%", "client CPU%", "client core busy%", "p50 us",
+    "p99 us", "ok/runs",
 ]  # fmt: skip
 MEMORY_COLUMNS = [
     "server", "RSS before MiB", "RSS after MiB", "bytes/conn median [min-max]", "vs muxd",
     "ok/runs",
 ]  # fmt: skip
+
+
+def _ratio_text(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _ok_runs(samples: list[dict[str, Any]]) -> str:
@@ -72,8 +81,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     memory = result["kind"] == "memory"
     for server in result["servers"]:
         samples = result["samples"].get(server, [])
-        ratio = ratio_to_baseline(result, server)
-        ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
+        ratio_text = _ratio_text(ratio_to_baseline(result, server))
         if memory:
             before, after = _median(samples, "rss_before_kib"), _median(samples, "rss_after_kib")
             rows.append([
@@ -90,8 +98,10 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt_spread(spread(samples, "msgs_per_s")),
                 _fmt(_median(samples, "mib_per_s"), 1),
                 ratio_text,
-                _fmt(_median(samples, "server_cpu_us_per_msg"), 2),
+                _fmt_spread(spread(samples, "server_cpu_us_per_msg"), 2),
+                _ratio_text(ratio_to_baseline(result, server, "server_cpu_us_per_msg")),
                 _fmt(_median(samples, "server_core_busy_pct")),
+                _fmt(_median(samples, "client_cpu_pct")),
                 _fmt(_median(samples, "client_core_busy_pct")),
                 _fmt(_median(samples, "p50_us")),
                 _fmt(_median(samples, "p99_us")),
