@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each window")
     parser.add_argument("--out", type=Path, default=OUT_DIR,
                         help="where results.json, summary.md and plots go (default bench/out)")
+    parser.add_argument("--from-json", type=Path, metavar="RESULTS_JSON",
+                        help="do not measure: re-render tables and plots of an earlier run")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--list", action="store_true", help="list scenarios and servers")
     args = parser.parse_args(argv)  # fmt: skip
@@ -108,21 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _list()
         return 0
-    try:
-        compiled(LOADGEN_SOURCE)
-        compiled(EPOLL_ECHO_SOURCE)
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    results = run(args)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        try:
+            compiled(LOADGEN_SOURCE)
+            compiled(EPOLL_ECHO_SOURCE)
+        except BuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        results = run(args)
     machine, settings = results["machine"], results["settings"]
     print(f"\nmachine: {machine['cpu_model']}, {machine['cpus_online']} CPUs, "
           f"Linux {machine['kernel']}, Python {machine['python']}; server on core "
           f"{settings['server_core']}, load client on core {settings['client_core']}; "
-          f"{args.reps} reps x {args.duration}s\n")  # fmt: skip
+          f"{settings['reps']} reps x {settings['duration']}s\n")  # fmt: skip
     print(report(results))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    if not args.from_json:
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "summary.md").write_text(report(results, markdown=True))
     plots = [] if args.no_plots else write_plots(results, args.out)
     plot_list = ", ".join(map(str, plots)) or "none"

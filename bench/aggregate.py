@@ -55,17 +55,28 @@ def ratio_to_baseline(
 # "srv us/msg": the server process's utime+stime per echoed message: the cost measure that
 # does not depend on whether the load client kept up. "core busy%" is a whole CPU's busy
 # time from /proc/stat (softirq and any other tenant included): the server core near 100%
-# means the server was the bottleneck. The client's headroom is 100 - "client CPU%"; a
-# client core far busier than the client itself means something else ran there.
+# means the server was the bottleneck. The client's headroom is 100 - "client CPU%".
+# "others%": busy time of both cores not charged to the server or the client (softirq,
+# other tenants), in % of one core; a few % is normal, tens of % means a noisy machine.
 THROUGHPUT_COLUMNS = [
     "server", "msg/s median [min-max]", "MiB/s", "vs muxd", "srv us/msg [min-max]",
-    "us/msg vs muxd", "srv core busy%", "client CPU%", "client core busy%", "p50 us",
-    "p99 us", "ok/runs",
+    "us/msg vs muxd", "srv core busy%", "client CPU%", "client core busy%", "others%",
+    "p50 us", "p99 us", "ok/runs",
 ]  # fmt: skip
 MEMORY_COLUMNS = [
     "server", "RSS before MiB", "RSS after MiB", "bytes/conn median [min-max]", "vs muxd",
     "ok/runs",
 ]  # fmt: skip
+
+
+def with_other_load(sample: dict[str, Any]) -> dict[str, Any]:
+    """Adds ``other_busy_pct``: core time neither benchmark process was charged for."""
+    keys = ("server_core_busy_pct", "client_core_busy_pct", "server_cpu_pct", "client_cpu_pct")
+    if any(sample.get(key, -1) < 0 for key in keys):
+        return sample
+    other = (sample["server_core_busy_pct"] + sample["client_core_busy_pct"]
+             - sample["server_cpu_pct"] - sample["client_cpu_pct"])  # fmt: skip
+    return {**sample, "other_busy_pct": max(0.0, other)}
 
 
 def _ratio_text(ratio: float | None) -> str:
@@ -80,7 +91,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     memory = result["kind"] == "memory"
     for server in result["servers"]:
-        samples = result["samples"].get(server, [])
+        samples = [with_other_load(s) for s in result["samples"].get(server, [])]
         ratio_text = _ratio_text(ratio_to_baseline(result, server))
         if memory:
             before, after = _median(samples, "rss_before_kib"), _median(samples, "rss_after_kib")
@@ -103,6 +114,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt(_median(samples, "server_core_busy_pct")),
                 _fmt(_median(samples, "client_cpu_pct")),
                 _fmt(_median(samples, "client_core_busy_pct")),
+                _fmt(_median(samples, "other_busy_pct")),
                 _fmt(_median(samples, "p50_us")),
                 _fmt(_median(samples, "p99_us")),
                 _ok_runs(samples),
