@@ -1,5 +1,6 @@
 """Compiles the C load client and the C reference server into bench/build/."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,8 +24,9 @@ def compiled(source: Path) -> Path:
     if compiler is None:
         raise BuildError("no C compiler (cc) on PATH")
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    # Build to a temp name so a failed or interrupted build never leaves a stale binary.
-    partial = binary.with_suffix(".partial")
+    # Build to a private temp name so a failed, interrupted or concurrent build (two test
+    # sessions at once) never leaves a half-written binary under the real name.
+    partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial")
     result = subprocess.run(
         [compiler, "-O2", "-Wall", "-o", str(partial), str(source)],
         capture_output=True,
