@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from muxd import __version__
-from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, ConfigError, load_config
-from muxd.listeners import ListenerError, bind_listeners, inherited_listeners
-from muxd.logs import logger, set_level, setup_logging
+from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, Config, ConfigError, load_config
+from muxd.listeners import Listener, ListenerError, bind_listeners, describe, inherited_sockets
+from muxd.logs import logger, set_level, setup_logging, stderr_is_journal
 from muxd.notify import Notifier
 from muxd.pollers import create_poller
 from muxd.resources import raise_nofile
+from muxd.udp import UdpEndpoint, bind_udp, inherited_endpoint
 
 EX_USAGE = 64
 EX_CANTCREAT = 73
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as err:
-        print(f"muxd: configuration error: {err}", file=sys.stderr)
+        # Not through the logger: one plain line for a person at a terminal,
+        # but with the journal's priority prefix when stderr is the journal, so
+        # `journalctl -p err` shows why muxd failed.
+        priority = "<3>" if stderr_is_journal() else ""
+        print(f"{priority}muxd: configuration error: {err}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
         print(f"muxd: configuration OK: {config.source}")
@@ -60,40 +66,77 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("muxd %s starting with %s", __version__, config.source)
     raise_nofile(config.nofile)
 
-    listeners = inherited_listeners()
-    if listeners is not None:
-        if not listeners:
-            logger.error("socket activation passed no sockets (LISTEN_FDS=0)")
-            return EX_CONFIG
-        logger.info("socket activation: %d inherited socket(s); [server] listen is not used",
-                    len(listeners))
-    else:
-        try:
-            listeners = bind_listeners(config.listen, config.backlog)
-        except ListenerError as err:
-            logger.error("%s", err)
-            return err.exit_status
+    workers = config.workers > 1
+    try:
+        # Workers bind their own SO_REUSEPORT sockets after the fork; only
+        # inherited ones are taken here, before the environment is cleared.
+        sockets = _inherited_sockets() if workers else _open_sockets(config)
+    except ListenerError as err:
+        logger.error("%s", err)
+        return err.exit_status
 
     context = None
     if args.detach:
         from muxd.detach import DetachError, detach
 
+        held = [] if sockets is None else [
+            *(listener.sock for listener in sockets[0]),
+            *(endpoint.sock for endpoint in sockets[1]),
+        ]
         try:
-            context = detach(args.pidfile, [listener.fd for listener in listeners])
+            context = detach(args.pidfile, [sock.fileno() for sock in held])
         except DetachError as err:
             logger.error("%s", err)
             return EX_CANTCREAT
 
     # Everything below holds descriptors, so it is created after a detach.
-    from muxd.loop import EchoServer
-
     notifier = Notifier()
     hooks = frozenset(filter(None, os.environ.get("MUXD_TEST_HOOKS", "").split(",")))
-    server = EchoServer(config, args.config, listeners, create_poller(config.backend),
-                        notifier, test_hooks=hooks)
     try:
+        if workers:
+            from muxd.supervisor import Supervisor
+
+            return Supervisor(config, args.config, sockets, notifier, hooks).run()
+        from muxd.loop import EchoServer
+
+        listeners, udp_endpoints = sockets
+        server = EchoServer(config, args.config, listeners, create_poller(config.backend),
+                            notifier, udp_endpoints=udp_endpoints, test_hooks=hooks)
         return server.run()
     finally:
         notifier.close()
         if context is not None:
             context.close()
+
+
+def _inherited_sockets() -> tuple[list[Listener], list[UdpEndpoint]] | None:
+    """TCP listeners and UDP endpoints passed by systemd socket activation
+    (the config's addresses are then not bound), or None when not activated."""
+    inherited = inherited_sockets()
+    if inherited is None:
+        return None
+    if not inherited:
+        raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)")
+    listeners, endpoints = [], []
+    for sock, label in inherited:
+        if sock.type == socket.SOCK_DGRAM:
+            endpoints.append(inherited_endpoint(sock, label))
+        else:
+            listeners.append(Listener(sock, f"{describe(sock)} ({label})"))
+    logger.info("socket activation: %d inherited socket(s); [server] listen and udp are not "
+                "used", len(inherited))
+    return listeners, endpoints
+
+
+def _open_sockets(config: Config) -> tuple[list[Listener], list[UdpEndpoint]]:
+    """Inherited sockets, else those bound from the configuration."""
+    inherited = _inherited_sockets()
+    if inherited is not None:
+        return inherited
+    listeners = bind_listeners(config.listen, config.backlog)
+    try:
+        return listeners, bind_udp(config.udp)
+    except ListenerError:
+        for listener in listeners:
+            listener.sock.close()
+        raise

@@ -11,7 +11,7 @@ import configparser
 import ipaddress
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 EX_CONFIG = 78  # sysexits.h: "configuration error"; RestartPreventExitStatus keys on it
@@ -48,6 +48,9 @@ class ConfigError(Exception):
         return f"{where}: {self.message}"
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True, order=True)
 class Address:
     """A listening address. ``host`` is an IP literal without brackets."""
@@ -74,6 +77,7 @@ class Config:
     listen: tuple[Address, ...] = (Address("127.0.0.1", 7007),)
     backend: str = "auto"
     backlog: int = 1024
+    workers: int = 1
     nofile: int = 65536
     max_connections: int = 10000
     idle_timeout: float = 300.0
@@ -81,6 +85,13 @@ class Config:
     shutdown_timeout: float = 10.0
     log_level: str = "info"
     log_connections: bool = False
+    udp: tuple[Address, ...] = ()
+    max_connections_per_ip: int = 0
+    ipv6_prefix: int = 64
+    udp_rate: float = 100.0
+    udp_total_rate: float = 10000.0
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
     source: str = BUILTIN_SOURCE
 
 
@@ -121,6 +132,23 @@ def parse_addresses(text: str) -> tuple[Address, ...]:
     return tuple(addresses)
 
 
+def parse_optional_addresses(text: str) -> tuple[Address, ...]:
+    return parse_addresses(text) if text.strip() else ()
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in filter(None, (item.strip() for item in text.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                "a comma-separated list of IPv4 or IPv6 addresses or CIDR blocks "
+                f"(for example 10.0.0.0/8, 2001:db8::/32); {item!r} is neither"
+            ) from None
+    return tuple(networks)
+
+
 def _check_overlap(new: Address, existing: list[Address]) -> None:
     # A wildcard listener already owns every address of its family on that port
     # (and [::] is dual-stack, so every IPv4 one too): a second bind would fail at
@@ -153,6 +181,17 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
         return _parse_int(text, low, high, f"a whole number from {low} to {high}")
 
     return parse
+
+
+def _rate(text: str) -> float:
+    expected = "a number of datagrams per second from 0 to 1000000 (0 = no limit)"
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(expected) from None
+    if not 0 <= value <= 1_000_000:
+        raise ValueError(expected)
+    return value
 
 
 def _seconds(high: float) -> Callable[[str], float]:
@@ -190,6 +229,13 @@ def _boolean(text: str) -> bool:
         raise ValueError("yes or no") from None
 
 
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    return _parse_int(text, 1, 1024, "auto (one per CPU) or a whole number from 1 to 1024")
+
+
 def _backend(text: str) -> str:
     from muxd.pollers import available_backends
 
@@ -209,11 +255,19 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("server", "listen"): ("listen", parse_addresses),
     ("server", "backend"): ("backend", _backend),
     ("server", "backlog"): ("backlog", _int_in(1, 65535)),
+    ("server", "udp"): ("udp", parse_optional_addresses),
+    ("server", "workers"): ("workers", _workers),
     ("limits", "nofile"): ("nofile", _int_in(64, 1 << 20)),
     ("limits", "max_connections"): ("max_connections", _int_in(1, 1 << 20)),
     ("limits", "idle_timeout"): ("idle_timeout", _seconds(86400 * 365)),
     ("limits", "buffer_size"): ("buffer_size", _int_in(1024, 1 << 30)),
     ("limits", "shutdown_timeout"): ("shutdown_timeout", _seconds(3600)),
+    ("limits", "max_connections_per_ip"): ("max_connections_per_ip", _int_in(0, 1 << 20)),
+    ("limits", "ipv6_prefix"): ("ipv6_prefix", _int_in(1, 128)),
+    ("limits", "udp_rate"): ("udp_rate", _rate),
+    ("limits", "udp_total_rate"): ("udp_total_rate", _rate),
+    ("access", "allow"): ("allow", parse_networks),
+    ("access", "deny"): ("deny", parse_networks),
     ("logging", "level"): ("log_level", _choice("debug", "info", "warning", "error")),
     ("logging", "connections"): ("log_connections", _boolean),
 }
@@ -288,5 +342,3 @@ def changed_fields(old: Config, new: Config) -> list[str]:
     return [f.name for f in fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
 
 
-def with_source(config: Config, source: str) -> Config:
-    return replace(config, source=source)

@@ -31,14 +31,15 @@ from muxd.pollers import READ, WRITE
 
 AGAIN = 4  # "call on_readable again next turn, even without a new event"
 
-READ_CHUNK = 65536
+READ_CHUNK = 256 * 1024  # larger than common messages, so one read usually drains the queue
 MAX_READS_PER_EVENT = 16
+MAX_DISCARDS = 1024  # 64 MiB
 
 # One receive buffer for the whole process: the loop is single-threaded and a
 # chunk is echoed (or copied into ``pending``) before the next read, so no
 # connection needs a buffer of its own while it is idle.
-_buffer = bytearray(READ_CHUNK)
-_view = memoryview(_buffer)
+RECV_BUFFER = bytearray(READ_CHUNK)
+RECV_VIEW = memoryview(RECV_BUFFER)
 
 
 class Close(IntEnum):
@@ -48,14 +49,15 @@ class Close(IntEnum):
     EOF = -1  # the peer finished sending and got everything echoed
     RESET = -2  # the peer reset the connection, or a socket error
     IDLE = -3  # no byte moved either way for idle_timeout seconds
-    LIMIT = -4  # refused: max_connections reached, or fd beyond the backend's reach
+    LIMIT = -4  # refused: max_connections(_per_ip), out of fds, or fd beyond select's reach
     SHUTDOWN = -5  # the daemon is stopping
+    ACCESS = -6  # refused by the [access] lists
 
 
 class Connection:
     __slots__ = (
         "sock", "fd", "peer", "pending", "paused", "read_closed", "interest",
-        "high_water", "last_active", "bytes_in", "bytes_out",
+        "high_water", "bytes_in", "group", "peer_finished", "progress_mark", "idle_since",
     )
 
     def __init__(self, sock: socket.socket, peer: object, high_water: int, now: float) -> None:
@@ -64,52 +66,69 @@ class Connection:
         self.peer = peer
         self.pending: bytearray | None = None  # allocated only when a write falls short
         self.paused = False
-        self.read_closed = False
+        self.read_closed = False  # no more reading to echo (peer EOF, or we are stopping)
+        self.peer_finished = False  # the peer's EOF has been read
         self.interest = READ
         self.high_water = high_water
-        self.last_active = now
+        # The only byte count kept per message: every byte read is either
+        # echoed or still pending, so bytes_out is derived (below).
         self.bytes_in = 0
-        self.bytes_out = 0
+        self.group: object = None  # the per-client-limit key, when that limit is on
+        # Idleness is judged by the loop's periodic sweep from progress (bytes
+        # moved) rather than by a timestamp written on every event.
+        self.progress_mark = 0
+        self.idle_since = now
+
+    @property
+    def bytes_out(self) -> int:
+        pending = self.pending
+        return self.bytes_in - (len(pending) if pending else 0)
+
+    @property
+    def progress(self) -> int:
+        """Grows whenever a byte moves either way."""
+        return self.bytes_in + self.bytes_out
 
     def on_readable(self, peer_may_have_hung_up: int) -> int:
         sock = self.sock
-        recv_into = sock.recv_into
-        for _ in range(MAX_READS_PER_EVENT):
+        reads = 0
+        while True:
             try:
-                received = recv_into(_buffer)
+                received = sock.recv_into(RECV_BUFFER)
             except BlockingIOError:
                 break
             except OSError:
                 return Close.RESET
             if not received:
-                self.read_closed = True
+                self.read_closed = self.peer_finished = True
                 break
             self.bytes_in += received
             pending = self.pending
             if pending:
-                pending += _view[:received]
+                pending += RECV_VIEW[:received]  # behind what is owed already
             else:
                 try:
-                    sent = sock.send(_view[:received])
+                    sent = sock.send(RECV_VIEW[:received])
                 except BlockingIOError:
                     sent = 0
                 except OSError:
+                    self.bytes_in -= received  # neither echoed nor pending
                     return Close.RESET
-                self.bytes_out += sent
                 if sent == received:
                     if received < READ_CHUNK and not peer_may_have_hung_up:
                         return READ  # the common case: all echoed, nothing owed
-                    continue
-                if pending is None:
-                    self.pending = pending = bytearray()
-                pending += _view[sent:received]
-            if len(pending) >= self.high_water:
+                else:
+                    if pending is None:
+                        self.pending = pending = bytearray()
+                    pending += RECV_VIEW[sent:received]
+            if pending and len(pending) >= self.high_water:
                 self.paused = True
                 break
             if received < READ_CHUNK and not peer_may_have_hung_up:
                 break
-        else:
-            return self._wanted() | AGAIN
+            reads += 1
+            if reads == MAX_READS_PER_EVENT:
+                return self._wanted() | AGAIN
         return self._wanted()
 
     def on_writable(self) -> int:
@@ -125,15 +144,30 @@ class Connection:
             # edge-triggering the next EPOLLOUT edge comes when it drains, so
             # one send per event is enough and a retry would only hit EAGAIN.
             del pending[:sent]
-            self.bytes_out += sent
             if self.paused and len(pending) < self.high_water >> 2:
                 self.paused = False
         return self._wanted()
 
-    def stop_reading(self) -> int:
-        """Stop taking input (shutdown): finish echoing what is pending, then close."""
-        self.read_closed = True
-        return self._wanted()
+    def discard_input(self) -> int:
+        """While the daemon stops: read and drop what the peer still sends.
+
+        Closing a socket with unread input makes the kernel answer with RST and
+        drop whatever echo is still in flight to the peer, so a stopping daemon
+        keeps reading (and discarding) while it flushes, and drains what is
+        queued just before it closes. Reads to EAGAIN (bounded: a peer that
+        floods a stopping daemon gets its RST). Returns 0, or ``Close.EOF``
+        once the peer has finished sending, or ``Close.RESET`` on an error."""
+        recv_into = self.sock.recv_into
+        for _ in range(MAX_DISCARDS):
+            try:
+                if not recv_into(RECV_BUFFER):
+                    self.peer_finished = True
+                    return Close.EOF
+            except BlockingIOError:
+                return 0
+            except OSError:
+                return Close.RESET
+        return 0
 
     def _wanted(self) -> int:
         if self.pending:

@@ -37,12 +37,16 @@ class Listener:
         return self.sock.fileno()
 
 
-def bind_listeners(addresses: tuple[Address, ...], backlog: int) -> list[Listener]:
-    """Bind and listen on every address, or close them all and raise ListenerError."""
+def bind_listeners(addresses: tuple[Address, ...], backlog: int,
+                   reuse_port: bool = False) -> list[Listener]:
+    """Bind and listen on every address, or close them all and raise ListenerError.
+
+    ``reuse_port`` (SO_REUSEPORT) lets each worker process bind its own
+    listener on the same address; the kernel spreads connections among them."""
     listeners: list[Listener] = []
     try:
         for address in addresses:
-            listeners.append(Listener(_bind_one(address, backlog), str(address)))
+            listeners.append(Listener(_bind_one(address, backlog, reuse_port), str(address)))
     except BaseException:
         for listener in listeners:
             listener.sock.close()
@@ -50,7 +54,7 @@ def bind_listeners(addresses: tuple[Address, ...], backlog: int) -> list[Listene
     return listeners
 
 
-def _bind_one(address: Address, backlog: int) -> socket.socket:
+def _bind_one(address: Address, backlog: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -60,6 +64,8 @@ def _bind_one(address: Address, backlog: int) -> socket.socket:
         # A restart must be able to bind at once while the old process's
         # connections sit in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # [::] means both families; the kernel default (bindv6only) may differ.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -68,34 +74,34 @@ def _bind_one(address: Address, backlog: int) -> socket.socket:
         sock.setblocking(False)
     except OSError as err:
         sock.close()
-        raise _explain_bind_error(address, err) from None
+        raise explain_bind_error(str(address), address.port, err) from None
     return sock
 
 
-def _explain_bind_error(address: Address, err: OSError) -> ListenerError:
+def explain_bind_error(what: str, port: int, err: OSError) -> ListenerError:
+    """Say which address failed, why, and what would fix it."""
     if err.errno == errno.EADDRINUSE:
         return ListenerError(
-            f"cannot listen on {address}: address already in use "
+            f"cannot listen on {what}: address already in use "
             "(another muxd, an echo service, or muxd.socket may hold it)"
         )
     if err.errno in (errno.EACCES, errno.EPERM):
         hint = ""
-        if address.port < 1024:
+        if port < 1024:
             hint = (
-                f"; port {address.port} is privileged: run as root, grant "
+                f"; port {port} is privileged: run as root, grant "
                 "CAP_NET_BIND_SERVICE (AmbientCapabilities= in the unit, or setcap), "
                 "use socket activation, or listen on a port >= 1024"
             )
-        return ListenerError(f"cannot listen on {address}: permission denied{hint}", EX_NOPERM)
+        return ListenerError(f"cannot listen on {what}: permission denied{hint}", EX_NOPERM)
     if err.errno == errno.EADDRNOTAVAIL:
-        return ListenerError(
-            f"cannot listen on {address}: no such local address on this host"
-        )
-    return ListenerError(f"cannot listen on {address}: {err.strerror or err}")
+        return ListenerError(f"cannot listen on {what}: no such local address on this host")
+    return ListenerError(f"cannot listen on {what}: {err.strerror or err}")
 
 
-def inherited_listeners() -> list[Listener] | None:
-    """Sockets passed by systemd socket activation, or None when not activated."""
+def inherited_sockets() -> list[tuple[socket.socket, str]] | None:
+    """Sockets passed by systemd socket activation with their names (from
+    LISTEN_FDNAMES, else "fd N"), or None when not activated."""
     pid = os.environ.get("LISTEN_PID")
     count = os.environ.get("LISTEN_FDS")
     names = os.environ.get("LISTEN_FDNAMES", "")
@@ -110,15 +116,21 @@ def inherited_listeners() -> list[Listener] | None:
     except ValueError:
         return None
     fd_names = names.split(":") if names else []
-    listeners = []
+    inherited = []
     for index in range(fd_count):
         fd = SD_LISTEN_FDS_START + index
-        sock = socket.socket(fileno=fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            raise ListenerError(
+                f"socket activation: LISTEN_FDS={fd_count} but fd {fd} is not an open socket "
+                f"({err.strerror})"
+            ) from None
         os.set_inheritable(fd, False)
         sock.setblocking(False)
         label = fd_names[index] if index < len(fd_names) else f"fd {fd}"
-        listeners.append(Listener(sock, f"{describe(sock)} ({label})"))
-    return listeners
+        inherited.append((sock, label))
+    return inherited
 
 
 def describe(sock: socket.socket) -> str:

@@ -35,14 +35,16 @@ def stderr_is_journal() -> bool:
         return False
 
 
-def setup_logging(level: str = "info") -> None:
+def setup_logging(level: str = "info", tag: str = "") -> None:
+    """Log to stderr; ``tag`` (e.g. "worker 2") prefixes every message."""
     handler = logging.StreamHandler(sys.stderr)
+    prefix = f"{tag}: " if tag else ""
     if stderr_is_journal():
-        handler.setFormatter(JournalFormatter("%(message)s"))
+        handler.setFormatter(JournalFormatter(f"{prefix}%(message)s"))
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s muxd[%(process)d] %(levelname)s: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s muxd[%(process)d] %(levelname)s: {prefix}%(message)s"
+        ))
     logger.handlers[:] = [handler]
     logger.propagate = False
     set_level(level)

@@ -23,17 +23,20 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
+from muxd.access import AccessPolicy, client_address, client_group
 from muxd.config import Config, ConfigError, changed_fields, load_config
 from muxd.connection import AGAIN, Close, Connection
 from muxd.listeners import Listener
 from muxd.logs import RateLimitedLog, set_level
 from muxd.notify import Notifier, watchdog_interval
-from muxd.pollers import READ, FdOutOfRange, Poller
+from muxd.pollers import READ, WRITE, FdOutOfRange, Poller
 from muxd.resources import raise_nofile
 from muxd.signals import SignalQueue
 from muxd.timers import Timer, Timers
+from muxd.udp import UdpEndpoint, UdpGuard
 
 logger = logging.getLogger("muxd")
 
@@ -43,7 +46,7 @@ _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                 errno.EOPNOTSUPP, errno.ENETUNREACH}
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_RETRY_DELAY = 0.1
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog")
+RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp")
 
 
 class Counters:
@@ -55,12 +58,17 @@ class Counters:
         self.bytes_in = 0  # of closed connections; live ones are added when reported
         self.bytes_out = 0
 
+    @property
+    def refused(self) -> int:
+        return self.closed[Close.LIMIT] + self.closed[Close.ACCESS]
+
     def describe(self, live: list[Connection]) -> str:
         bytes_in = self.bytes_in + sum(conn.bytes_in for conn in live)
         bytes_out = self.bytes_out + sum(conn.bytes_out for conn in live)
         closed = ", ".join(f"{reason.name.lower()} {count}"
                            for reason, count in self.closed.items())
-        return (f"connections: {len(live)} open, {self.accepted} accepted; closed: {closed}; "
+        return (f"connections: {len(live)} open, {self.accepted} accepted, "
+                f"{self.refused} refused; closed by reason: {closed}; "
                 f"bytes in {bytes_in}, out {bytes_out}")
 
 
@@ -72,6 +80,7 @@ class EchoServer:
         listeners: list[Listener],
         poller: Poller,
         notifier: Notifier,
+        udp_endpoints: Sequence[UdpEndpoint] = (),
         test_hooks: frozenset[str] = frozenset(),
     ) -> None:
         self.config = config
@@ -80,26 +89,31 @@ class EchoServer:
         self.notifier = notifier
         self.test_hooks = test_hooks
         self.listeners = {listener.fd: listener for listener in listeners}
+        self.udp = {endpoint.fd: endpoint for endpoint in udp_endpoints}
+        self.access = AccessPolicy.from_config(config)
+        self.udp_guard = UdpGuard(config, self.access)
         self.conns: dict[int, Connection] = {}
+        self._per_client: dict[object, int] = {}  # connections held per client group
         self.counters = Counters()
         self.timers = Timers()
         self.signals = SignalQueue()
         self.stopping = False
         self._retry: list[Connection] = []
+        self._udp_retry: list[UdpEndpoint] = []
         self._ready_listeners: list[Listener] = []
         self._signalled = False
         self._now = time.monotonic()
         self._spare_fd = _open_spare_fd()
         self._housekeeping: Timer | None = None
         self._reported_status = ""
-        self._refusals = RateLimitedLog(logging.WARNING)
+        self._refusals: dict[str, RateLimitedLog] = {}
         self._fd_exhaustion = RateLimitedLog(logging.ERROR)
 
     # --- lifecycle -------------------------------------------------------
 
     def run(self) -> int:
         poller = self.poller
-        for fd in self.listeners:
+        for fd in [*self.listeners, *self.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
         self._schedule_housekeeping()
@@ -107,6 +121,10 @@ class EchoServer:
         if interval is not None:
             self._ping_watchdog(interval)
         logger.info("listening on %s (%s backend)", self._addresses(), poller.name)
+        if self.access.active:
+            logger.info("access: allow %s; deny %s",
+                        ", ".join(map(str, self.access.allow)) or "everyone",
+                        ", ".join(map(str, self.access.deny)) or "no one")
         status = self._status()
         self.notifier.ready(status)
         self._reported_status = status
@@ -122,14 +140,24 @@ class EchoServer:
         timers = self.timers
         monotonic = time.monotonic
         while not (self.stopping and not self.conns):
-            retry, self._retry = self._retry, []
-            timeout = 0.0 if retry else timers.timeout(self._now)
+            # Per turn, not per event, but with few connections a turn carries
+            # few events: nothing here allocates unless there is work.
+            retry = self._retry
+            udp_retry = self._udp_retry
+            if retry or udp_retry:
+                self._retry = []
+                self._udp_retry = []
+                timeout = 0.0
+            else:
+                timeout = timers.timeout(self._now)
             events = poller_poll(timeout)
             self._now = now = monotonic()
             if events:
                 self._dispatch(events, now)
             if retry:
                 self._give_extra_turns(retry)
+            for endpoint in udp_retry:
+                self._udp_event(endpoint)
             if self._ready_listeners:
                 ready, self._ready_listeners = self._ready_listeners, []
                 for listener in ready:
@@ -138,7 +166,8 @@ class EchoServer:
                 self._signalled = False
                 for signum in self.signals.take():
                     self._on_signal(signum)
-            timers.run_due(now)
+            if now >= timers.next_due:
+                timers.run_due(now)
 
     # --- the hot path ----------------------------------------------------
 
@@ -152,7 +181,6 @@ class EchoServer:
             if conn is None:
                 self._other_event(fd)
                 continue
-            conn.last_active = now
             want = conn.interest
             if event & writable and conn.pending:
                 want = conn.on_writable()
@@ -181,8 +209,10 @@ class EchoServer:
             # Identity, not just the number: the descriptor may belong to a
             # newer connection by now.
             if conns.get(conn.fd) is conn and conn.interest & READ:
-                conn.last_active = self._now
-                want = conn.on_readable(0)
+                # The event that carried a hang-up may be the one already
+                # used up: read on to EAGAIN or EOF rather than trusting a
+                # short read, or a FIN could go unnoticed for good.
+                want = conn.on_readable(True)
                 if want != conn.interest:
                     self._apply(conn, want)
 
@@ -190,9 +220,19 @@ class EchoServer:
         listener = self.listeners.get(fd)
         if listener is not None:
             self._ready_listeners.append(listener)
+        elif fd in self.udp:
+            self._udp_event(self.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
         # else: a stale event for a connection closed earlier in this batch
+
+    def _udp_event(self, endpoint: UdpEndpoint) -> None:
+        # Datagrams are answered in place: no descriptor is created, so this
+        # is safe in the middle of a batch. Past the per-event cap the
+        # endpoint gets another turn, or under edge-triggering it would wait
+        # for the next datagram to make an edge.
+        if endpoint.fd in self.udp and endpoint.on_readable(self.udp_guard, self._now):
+            self._udp_retry.append(endpoint)
 
     # --- accepting -------------------------------------------------------
 
@@ -221,6 +261,11 @@ class EchoServer:
             if len(conns) >= config.max_connections:
                 self._refuse(sock, f"max_connections ({config.max_connections}) reached")
                 continue
+            group = None
+            if self.access.active or config.max_connections_per_ip:
+                group = self._admit(sock, peer)
+                if group is False:
+                    continue
             if fd >= fd_limit:
                 self._refuse(sock, f"the {self.poller.name} backend cannot watch fd {fd} "
                                    f"(limit {fd_limit}; use epoll or poll to hold more)")
@@ -240,13 +285,41 @@ class EchoServer:
                 self._refuse(sock, f"cannot watch a new connection: {err}")
                 continue
             conns[fd] = conn
+            if group is not None:
+                conn.group = group
+                self._per_client[group] = self._per_client.get(group, 0) + 1
             if config.log_connections:
                 logger.info("connect %s on %s", _peer_name(peer), listener.name)
 
-    def _refuse(self, sock: socket.socket, why: str) -> None:
-        self.counters.closed[Close.LIMIT] += 1
+    def _admit(self, sock: socket.socket, peer: object) -> object:
+        """Apply [access] and max_connections_per_ip to a new connection: its
+        per-client group (None if not limited), or False if it was refused."""
+        if not (isinstance(peer, tuple) and peer and peer[0]):
+            return None  # not an IP client (a socket-activated unix socket)
+        address = client_address(peer[0])
+        if self.access.active and not self.access.permits(address):
+            self._refuse(sock, f"{address} is not allowed by [access]", Close.ACCESS)
+            return False
+        limit = self.config.max_connections_per_ip
+        if not limit:
+            return None
+        group = client_group(address, self.config.ipv6_prefix)
+        if self._per_client.get(group, 0) >= limit:
+            what = str(address) if address.version == 4 else \
+                f"{address}/{self.config.ipv6_prefix} (grouped)"
+            self._refuse(sock, f"max_connections_per_ip ({limit}) reached for {what}")
+            return False
+        return group
+
+    def _refuse(self, sock: socket.socket, why: str, reason: Close = Close.LIMIT) -> None:
+        # Closed at once, without reading a byte from it.
+        self.counters.closed[reason] += 1
         sock.close()
-        self._refusals.log(f"refused a connection: {why}")
+        kind = why.partition(" (")[0] if reason == Close.LIMIT else "access"
+        log = self._refusals.get(kind)
+        if log is None:
+            log = self._refusals[kind] = RateLimitedLog(logging.WARNING)
+        log.log(f"refused a connection: {why}")
 
     def _out_of_descriptors(self, listener: Listener, err: OSError) -> None:
         # Stopping here would strand every client queued behind this one:
@@ -306,14 +379,17 @@ class EchoServer:
             reason = Close.SHUTDOWN
         fd = conn.fd
         del self.conns[fd]
+        if conn.group is not None:
+            remaining = self._per_client[conn.group] - 1
+            if remaining:
+                self._per_client[conn.group] = remaining
+            else:
+                del self._per_client[conn.group]
         try:
             self.poller.unregister(fd)
         except (OSError, KeyError):
             pass
-        sock = conn.sock
-        if reason in (Close.IDLE, Close.SHUTDOWN):
-            _discard_unread(sock)
-        sock.close()
+        conn.sock.close()
         counters = self.counters
         counters.closed[Close(reason)] += 1
         counters.bytes_in += conn.bytes_in
@@ -328,6 +404,7 @@ class EchoServer:
             self._close(conn, Close.SHUTDOWN)
         for listener in list(self.listeners.values()):
             self._close_listener(listener)
+        self._close_udp()
         self.signals.close()
         self.poller.close()
         if self._spare_fd is not None:
@@ -342,6 +419,12 @@ class EchoServer:
             pass  # not registered while accepting is paused
         listener.sock.close()
 
+    def _close_udp(self) -> None:
+        for endpoint in self.udp.values():
+            self.poller.unregister(endpoint.fd)
+            endpoint.close()
+        self.udp.clear()
+
     # --- signals ---------------------------------------------------------
 
     def _on_signal(self, signum: int) -> None:
@@ -352,7 +435,8 @@ class EchoServer:
         elif signum == signal.SIGHUP:
             self._reload()
         elif signum == signal.SIGUSR1:
-            logger.info("counters: %s", self.counters.describe(list(self.conns.values())))
+            logger.info("counters: %s; %s", self.counters.describe(list(self.conns.values())),
+                        self.udp_guard.describe())
         elif signum == signal.SIGUSR2 and "hang-on-sigusr2" in self.test_hooks:
             logger.warning("test hook: SIGUSR2 hangs the event loop (MUXD_TEST_HOOKS)")
             while True:  # deliberately stuck, so the watchdog can be seen to work
@@ -369,8 +453,12 @@ class EchoServer:
         self.notifier.send("STOPPING=1", f"STATUS=stopping ({signame})")
         for listener in list(self.listeners.values()):
             self._close_listener(listener)
+        self._close_udp()
+        self._retry.clear()
+        self._dispatch = self._dispatch_stopping
         for conn in list(self.conns.values()):
-            self._apply(conn, conn.stop_reading())
+            conn.read_closed = True
+            self._settle_stopping(conn)
         timeout = self.config.shutdown_timeout
         logger.info("%s: stopping; %d connection(s) still flushing echo (up to %gs)",
                     signame, len(self.conns), timeout)
@@ -378,6 +466,42 @@ class EchoServer:
             # Ask systemd for the drain time on top of its own stop timeout.
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={int((timeout + 5) * 1e6)}")
             self.timers.call_at(self._now + timeout, self._shutdown_deadline)
+
+    def _dispatch_stopping(self, events: list[tuple[int, int]], now: float) -> None:
+        """Dispatch while stopping: no more echo; flush what is pending while
+        dropping the peer's input, then close."""
+        conns_get = self.conns.get
+        readable = self.poller.readable_mask
+        writable = self.poller.writable_mask
+        for fd, event in events:
+            conn = conns_get(fd)
+            if conn is None:
+                self._other_event(fd)
+                continue
+            if event & writable and conn.pending and conn.on_writable() == Close.RESET:
+                self._close(conn, Close.RESET)
+                continue
+            if event & readable and conn.interest & READ:
+                result = conn.discard_input()
+                if result == Close.RESET:
+                    self._close(conn, Close.RESET)
+                    continue
+            self._settle_stopping(conn)  # at EOF the peer may still read its echo
+
+    def _settle_stopping(self, conn: Connection) -> None:
+        if not conn.pending:
+            # Nothing more to send: close now, draining queued input first so
+            # the close is an orderly FIN behind the echo, not a RST.
+            if not conn.peer_finished:
+                conn.discard_input()
+            self._close(conn, Close.SHUTDOWN)
+            return
+        # Watch reads only until the peer's EOF: under level-triggering a
+        # socket at EOF stays readable and would spin the loop.
+        want = WRITE if conn.peer_finished else READ | WRITE
+        if want != conn.interest:
+            self.poller.modify(conn.fd, want)
+            conn.interest = want
 
     def _shutdown_deadline(self) -> None:
         if self.conns:
@@ -404,6 +528,11 @@ class EchoServer:
             new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
         self.config = new
         set_level(new.log_level)
+        self.access = AccessPolicy.from_config(new)
+        self.udp_guard.configure(new, self.access)
+        if (new.max_connections_per_ip, new.ipv6_prefix) != (
+                old.max_connections_per_ip, old.ipv6_prefix):
+            self._regroup_clients()
         if new.nofile > old.nofile:
             raise_nofile(new.nofile)
         if new.idle_timeout != old.idle_timeout:
@@ -412,6 +541,23 @@ class EchoServer:
         logger.info("reloaded %s: %s", new.source if new.source else source,
                     ", ".join(applied) + " changed" if applied else "nothing changed")
         self.notifier.ready(self._status())
+
+    def _regroup_clients(self) -> None:
+        """Count open connections under the per-client limit as it now stands
+        (a limit switched on by a reload counts the clients already here)."""
+        self._per_client.clear()
+        limited = bool(self.config.max_connections_per_ip)
+        for conn in self.conns.values():
+            conn.group = None
+            if not limited:
+                continue
+            try:
+                host = conn.sock.getpeername()[0]
+            except (OSError, IndexError):
+                continue
+            if host:
+                conn.group = client_group(client_address(host), self.config.ipv6_prefix)
+                self._per_client[conn.group] = self._per_client.get(conn.group, 0) + 1
 
     # --- timers ----------------------------------------------------------
 
@@ -427,16 +573,31 @@ class EchoServer:
     def _housekeep(self, interval: float) -> None:
         idle = self.config.idle_timeout
         if idle:
-            cutoff = self._now - idle
-            for conn in [c for c in self.conns.values() if c.last_active <= cutoff]:
+            # A connection whose progress has not changed since an earlier
+            # sweep has been idle at least since that sweep: closing waits
+            # for the full idle_timeout after it, so it is never early and
+            # at most one sweep interval late.
+            now = self._now
+            cutoff = now - idle
+            expired = []
+            for conn in self.conns.values():
+                progress = conn.progress
+                if progress != conn.progress_mark:
+                    conn.progress_mark = progress
+                    conn.idle_since = now
+                elif conn.idle_since <= cutoff:
+                    expired.append(conn)
+            for conn in expired:
                 self._close(conn, Close.IDLE)
         if self.notifier.enabled and not self.stopping:
             status = self._status()
             if status != self._reported_status:  # at most once per interval, only on change
                 self.notifier.send(f"STATUS={status}")
                 self._reported_status = status
-        self._refusals.flush()
+        for log in self._refusals.values():
+            log.flush()
         self._fd_exhaustion.flush()
+        self.udp_guard.flush_log()
         self._housekeeping = self.timers.call_at(
             self._now + interval, lambda: self._housekeep(interval)
         )
@@ -448,12 +609,20 @@ class EchoServer:
     # --- descriptions ----------------------------------------------------
 
     def _addresses(self) -> str:
-        return ", ".join(listener.name for listener in self.listeners.values())
+        return ", ".join([*(listener.name for listener in self.listeners.values()),
+                          *(endpoint.name for endpoint in self.udp.values())])
 
     def _status(self) -> str:
         count = len(self.conns)
         noun = "connection" if count == 1 else "connections"
-        return f"serving {count} {noun} on {self._addresses()} ({self.poller.name})"
+        status = f"serving {count} {noun} on {self._addresses()} ({self.poller.name})"
+        counters = self.counters
+        if counters.accepted:
+            status += f"; {counters.accepted} accepted, {counters.refused} refused"
+        guard = self.udp_guard
+        if guard.echoed or guard.dropped:
+            status += f"; UDP {guard.echoed} echoed, {sum(guard.dropped.values())} dropped"
+        return status
 
 
 def _open_spare_fd() -> int | None:
@@ -467,18 +636,6 @@ def _soft_nofile() -> int:
     import resource
 
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def _discard_unread(sock: socket.socket) -> None:
-    # Closing a socket with unread input makes the kernel send RST, which can
-    # destroy echo the client has not read yet; read what is already queued
-    # (bounded) so the close is an orderly FIN.
-    try:
-        for _ in range(16):
-            if not sock.recv(65536):
-                break
-    except OSError:
-        pass
 
 
 def _peer_name(peer: object) -> str:

@@ -18,7 +18,7 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.
 
 
 class SignalQueue:
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] = HANDLED) -> None:
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
@@ -26,7 +26,7 @@ class SignalQueue:
         self._previous_wakeup_fd = signal.set_wakeup_fd(
             self._writer.fileno(), warn_on_full_buffer=False
         )
-        self._previous_handlers = {sig: signal.signal(sig, self._record) for sig in HANDLED}
+        self._previous_handlers = {sig: signal.signal(sig, self._record) for sig in signals}
 
     @property
     def fd(self) -> int:

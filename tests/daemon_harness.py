@@ -96,7 +96,8 @@ class Muxd:
     def __init__(self, workdir: Path, config_text: str | None = None, *,
                  args: tuple[str, ...] = (), env: dict[str, str] | None = None,
                  nofile: tuple[int, int] | None = None, notify: bool = True,
-                 preexec: Callable[[], None] | None = None) -> None:
+                 preexec: Callable[[], None] | None = None,
+                 command: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.workdir = workdir
         self.config_path = workdir / "muxd.ini"
         if config_text is not None:
@@ -118,9 +119,9 @@ class Muxd:
 
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "muxd", *args],
+            command or [sys.executable, "-m", "muxd", *args],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=full_env, cwd=workdir, preexec_fn=before_exec,
+            env=full_env, cwd=workdir, preexec_fn=before_exec, pass_fds=pass_fds,
         )
         self.pid = self.process.pid
 
@@ -132,7 +133,9 @@ class Muxd:
         try:
             return self.notify.wait_for("READY", "1", timeout=timeout)
         except AssertionError:
-            raise AssertionError(f"muxd not ready; exit {self.process.poll()}; log:\n{self.log}")
+            raise AssertionError(
+                f"muxd not ready; exit {self.process.poll()}; log:\n{self.log}"
+            ) from None
 
     @property
     def log(self) -> str:
@@ -186,6 +189,41 @@ def connect(port: int, host: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT
     sock = socket.create_connection((host, port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def connect_slow_reader(port: int, receive_buffer: int = 4096) -> socket.socket:
+    """A client with a tiny receive window (set before connecting, so it counts)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def push_until_stalled(sock: socket.socket, payload: bytes, stall: float = 0.5,
+                       timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Send ``payload`` (cyclically) without reading until the peer stops taking bytes
+    for ``stall`` seconds, i.e. the daemon has paused reading from us; returns bytes sent.
+
+    Fails if the daemon keeps reading for ``timeout`` seconds."""
+    sock.setblocking(False)
+    sent = 0
+    stalled_since = None
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                offset = sent % len(payload)
+                sent += sock.send(payload[offset:offset + 65536])
+                stalled_since = None
+            except BlockingIOError:
+                now = time.monotonic()
+                stalled_since = stalled_since or now
+                if now - stalled_since >= stall:
+                    return sent
+                time.sleep(0.01)
+    finally:
+        sock.setblocking(True)
+    raise AssertionError(f"the daemon kept reading {sent} bytes from a client that never reads")
 
 
 def echo_once(sock: socket.socket, payload: bytes) -> bytes:

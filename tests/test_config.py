@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +38,7 @@ def test_shipped_file_documents_every_key_with_the_builtin_defaults() -> None:
     assert replace(shipped, listen=Config().listen, source=Config().source) == Config()
     text = SHIPPED.read_text()
     for section, key in SCHEMA:
-        assert f"\n{key} = " in text, f"[{section}] {key} is not documented"
+        assert re.search(rf"^{key} =", text, re.MULTILINE), f"[{section}] {key} is undocumented"
 
 
 def test_builtin_listen_is_loopback_7007() -> None:
@@ -121,3 +123,19 @@ def test_console_script_is_the_same_program() -> None:
     assert script, "the muxd console script is not installed beside this Python"
     result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=20)
     assert result.stdout.strip() == f"muxd {__version__}"
+
+
+def test_config_error_carries_the_error_priority_for_the_journal(tmp_path: Path) -> None:
+    path = tmp_path / "bad.ini"
+    path.write_text("[limits]\nnofile = many\n")
+    read_end, write_end = os.pipe()
+    status = os.fstat(write_end)
+    result = subprocess.run(
+        [sys.executable, "-m", "muxd", "--config", str(path)], stderr=write_end,
+        env={**os.environ, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}, timeout=20,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        lines = pipe.read().splitlines()
+    assert result.returncode == EX_CONFIG
+    assert len(lines) == 1 and lines[0].startswith("<3>muxd: configuration error:"), lines

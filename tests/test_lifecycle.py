@@ -1,0 +1,299 @@
+"""Start, readiness, signals, reload, shutdown: the daemon as systemd sees it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemon_harness import (
+    connect,
+    connect_slow_reader,
+    echo_once,
+    free_port,
+    push_until_stalled,
+    recv_exactly,
+    sees_connection_end,
+    server_config,
+    wait_until,
+)
+
+from muxd.config import EX_CONFIG
+
+
+def test_ready_only_once_listening_and_status_says_what_it_serves(start_muxd, backend) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, backend), ready=False)
+    ready = daemon.wait_ready()
+    with connect(port) as sock:  # no retry: READY=1 promises a listening socket
+        assert echo_once(sock, b"hello\n") == b"hello\n"
+    assert ready["STATUS"] == f"serving 0 connections on 127.0.0.1:{port} ({backend})"
+
+
+def test_status_follows_the_connection_count(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port))
+    clients = [connect(port) for _ in range(2)]
+    for sock in clients:
+        assert echo_once(sock, b"x") == b"x"
+    daemon.notify.wait_for("STATUS", contains="serving 2 connections", timeout=5)
+    for sock in clients:
+        sock.close()
+    daemon.notify.wait_for("STATUS", contains="serving 0 connections", timeout=5)
+
+
+def test_sigterm_sends_stopping_closes_every_client_and_exits_0(start_muxd, backend) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, backend))
+    clients = [connect(port) for _ in range(5)]
+    for sock in clients:
+        assert echo_once(sock, b"x") == b"x"
+    daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("STOPPING", "1")
+    assert daemon.wait() == 0
+    for sock in clients:
+        assert sees_connection_end(sock, timeout=2)
+        sock.close()
+    with pytest.raises(ConnectionRefusedError):
+        connect(port)
+
+
+def test_shutdown_flushes_pending_echo_to_a_slow_reader(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, shutdown_timeout=20))
+    slow = connect_slow_reader(port)
+    payload = os.urandom(64 << 20)  # more than the kernel's buffers and ours can hold
+    sent = push_until_stalled(slow, payload)
+    assert sent < len(payload)
+    daemon.signal(signal.SIGTERM)
+    message = daemon.notify.wait_for("EXTEND_TIMEOUT_USEC")
+    assert int(message["EXTEND_TIMEOUT_USEC"]) >= 20_000_000
+    received = bytearray()
+    while True:  # now read: everything the daemon had taken must still arrive
+        chunk = slow.recv(1 << 20)
+        if not chunk:
+            break
+        received += chunk
+    assert len(received) > 0
+    assert bytes(received) == payload[:len(received)]
+    assert daemon.wait() == 0
+    slow.close()
+
+
+def test_shutdown_timeout_closes_a_reader_that_never_reads(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, shutdown_timeout=0.5))
+    hog = connect_slow_reader(port)
+    push_until_stalled(hog, b"\0" * 65536)
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert time.monotonic() - started < 5
+    daemon.wait_log("shutdown_timeout reached")
+    hog.close()
+
+
+def test_reload_applies_idle_timeout_to_open_connections(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, idle_timeout=300))
+    idle = connect(port)
+    assert echo_once(idle, b"x") == b"x"
+    daemon.write_config(server_config(port, idle_timeout=0.5))
+    daemon.signal(signal.SIGHUP)
+    reloading = daemon.notify.wait_for("RELOADING", "1")
+    assert int(reloading["MONOTONIC_USEC"]) > 0
+    daemon.notify.wait_for("READY", "1")
+    assert sees_connection_end(idle, timeout=5), "reloaded idle_timeout was not applied"
+    daemon.wait_log("idle_timeout changed")
+    idle.close()
+
+
+def test_bad_reload_keeps_running_with_the_old_config(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port))
+    kept = connect(port)
+    daemon.write_config("[limits]\nmax_conections = 5\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait_for("RELOADING", "1")
+    daemon.notify.wait_for("READY", "1")
+    daemon.wait_log("reload failed, keeping the running configuration")
+    assert "max_conections" in daemon.log
+    assert daemon.process.poll() is None
+    assert echo_once(kept, b"alive") == b"alive"
+    with connect(port) as fresh:
+        assert echo_once(fresh, b"new") == b"new"
+    kept.close()
+
+
+def test_reload_of_listen_says_restart_needed(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port))
+    daemon.write_config(server_config(free_port()))
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait_for("READY", "1")
+    daemon.wait_log("listen changed")
+    with connect(port) as sock:
+        assert echo_once(sock, b"same port") == b"same port"
+
+
+def test_immediate_restart_on_the_same_port(start_muxd) -> None:
+    port = free_port()
+    first = start_muxd(server_config(port))
+    for _ in range(20):  # server-side closes leave TIME_WAIT behind
+        with connect(port) as sock:
+            assert echo_once(sock, b"x") == b"x"
+    held = connect(port)
+    assert first.stop() == 0
+    held.close()
+    second = start_muxd(server_config(port))
+    with connect(port) as sock:
+        assert echo_once(sock, b"again") == b"again"
+    assert second.process.poll() is None
+
+
+def test_port_in_use_is_not_a_config_error(start_muxd) -> None:
+    port = free_port()
+    start_muxd(server_config(port))
+    second = start_muxd(server_config(port), ready=False)
+    status = second.wait()
+    assert status not in (0, EX_CONFIG)
+    assert f"127.0.0.1:{port}" in second.log and "address already in use" in second.log
+    assert "Traceback" not in second.log
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs util-linux setpriv")
+def test_privileged_port_without_permission_explains_the_fix(start_muxd, tmp_path) -> None:
+    config = tmp_path / "port7.ini"
+    config.write_text(server_config(7))
+    # Take CAP_NET_BIND_SERVICE away (even from root) the way an unprivileged unit would.
+    command = ["setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-net_bind_service",
+               sys.executable, "-m", "muxd", "--config", str(config)]
+    daemon = start_muxd(None, ready=False, command=command)
+    status = daemon.wait()
+    assert status not in (0, EX_CONFIG)
+    assert "127.0.0.1:7" in daemon.log and "permission denied" in daemon.log
+    assert "CAP_NET_BIND_SERVICE" in daemon.log
+    assert "Traceback" not in daemon.log
+
+
+def test_raises_soft_nofile_from_systemds_1024(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, nofile=4096), nofile=(1024, 8192))
+    limits = Path(f"/proc/{daemon.pid}/limits").read_text()
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert line.split()[3:5] == ["4096", "8192"], line
+    daemon.wait_log("RLIMIT_NOFILE: 4096")
+
+
+def test_nofile_above_hard_limit_is_capped_with_a_warning(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, nofile=65536), nofile=(1024, 2048))
+    limits = Path(f"/proc/{daemon.pid}/limits").read_text()
+    line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert line.split()[3:5] == ["2048", "2048"], line
+    daemon.wait_log("below nofile = 65536")
+
+
+def test_never_lowers_a_higher_soft_limit(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, nofile=100), nofile=(3000, 4000))
+    daemon.wait_log("RLIMIT_NOFILE: 3000")
+
+
+def test_watchdog_pings_at_half_the_interval_until_the_loop_hangs(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port), env={
+        "WATCHDOG_USEC": "400000", "MUXD_TEST_HOOKS": "hang-on-sigusr2"})
+    started = time.monotonic()
+    for _ in range(4):
+        daemon.notify.wait_for("WATCHDOG", "1", timeout=2)
+    elapsed = time.monotonic() - started
+    assert 0.45 < elapsed < 2.5, f"4 pings took {elapsed:.2f}s at a 0.2s interval"
+    daemon.signal(signal.SIGUSR2)
+    daemon.wait_log("test hook")
+    daemon.notify.messages.clear()
+    with pytest.raises(AssertionError):
+        daemon.notify.wait_for("WATCHDOG", "1", timeout=1.2)
+
+
+def test_no_watchdog_pings_without_watchdog_usec_and_hook_is_off(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, idle_timeout=0))
+    with pytest.raises(AssertionError):
+        daemon.notify.wait_for("WATCHDOG", "1", timeout=0.6)
+    daemon.signal(signal.SIGUSR2)  # the hang hook is off: still serving
+    with connect(port) as sock:
+        assert echo_once(sock, b"up") == b"up"
+
+
+def test_socket_activation_uses_the_inherited_listener(start_muxd, tmp_path) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))  # queued before muxd exists
+    client.sendall(b"early bird")
+    config_port = free_port()
+
+    def become_fd_3() -> None:
+        os.dup2(listener.fileno(), 3)
+        os.set_inheritable(3, True)
+
+    # LISTEN_PID must be muxd's own PID: a shell knows its PID, then execs muxd.
+    config = tmp_path / "activated.ini"
+    config.write_text(server_config(config_port))
+    shell = (f'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=echo '
+             f'exec "{sys.executable}" -m muxd --config {config}')
+    daemon = start_muxd(None, preexec=become_fd_3, command=["/bin/sh", "-c", shell],
+                        pass_fds=(3,))
+    ready = daemon.notify.messages[-1]
+    assert f"127.0.0.1:{port}" in ready["STATUS"]
+    assert str(config_port) not in ready["STATUS"]
+    assert recv_exactly(client, 10) == b"early bird"
+    listener.close()  # muxd holds its own copy
+    with connect(port) as sock:
+        assert echo_once(sock, b"activated") == b"activated"
+    with pytest.raises(ConnectionRefusedError):
+        connect(config_port)
+    assert daemon.stop() == 0
+    assert "socket activation" in daemon.log and "(echo)" in daemon.log
+    client.close()
+
+
+def test_journal_stream_gets_priority_prefixes(start_muxd, tmp_path) -> None:
+    port = free_port()
+    read_end, write_end = os.pipe()
+    status = os.fstat(write_end)
+    env = {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+
+    def stderr_to_pipe() -> None:
+        os.dup2(write_end, 2)
+
+    daemon = start_muxd(server_config(port, nofile=65536), env=env, preexec=stderr_to_pipe,
+                        nofile=(1024, 2048))
+    os.close(write_end)
+    daemon.stop()
+    with os.fdopen(read_end, errors="replace") as pipe:
+        lines = pipe.read().splitlines()
+    assert lines, "nothing logged"
+    assert all(re.match(r"<[0-7]>", line) for line in lines), lines
+    assert any(line.startswith("<6>") and "listening on" in line for line in lines)
+    assert any(line.startswith("<4>") and "RLIMIT_NOFILE" in line for line in lines)
+    assert not any(re.search(r"\d\d:\d\d:\d\d", line) for line in lines), "journald stamps time"
+
+
+def test_log_connections_names_peer_and_bytes(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port) + "[logging]\nconnections = yes\n")
+    with connect(port) as sock:
+        local_port = sock.getsockname()[1]
+        assert echo_once(sock, b"12345") == b"12345"
+    wait_until(lambda: "disconnect" in daemon.log, what="disconnect line")
+    assert f"connect 127.0.0.1:{local_port}" in daemon.log
+    assert f"disconnect 127.0.0.1:{local_port} (eof): 5 bytes in, 5 echoed" in daemon.log
