@@ -30,19 +30,39 @@ def _csv(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--scenario", action="append", type=_csv, default=[],
-                        help="scenario name(s), comma-separated or repeated (default: all)")
-    parser.add_argument("--servers", type=_csv, default=None,
-                        help="run these servers, in this order, instead of each scenario's list")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny run: 1 rep of 0.5 s (explicit --reps/--duration still win)")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        type=_csv,
+        default=[],
+        help="scenario name(s), comma-separated or repeated (default: all)",
+    )
+    parser.add_argument(
+        "--servers",
+        type=_csv,
+        default=None,
+        help="run these servers, in this order, instead of each scenario's list",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run: 1 rep of 0.5 s (explicit --reps/--duration still win)",
+    )
     parser.add_argument("--reps", type=int, help="repetitions per server (default 5)")
     parser.add_argument("--duration", type=float, help="measured seconds per run (default 2)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each window")
-    parser.add_argument("--out", type=Path, default=OUT_DIR,
-                        help="where results.json, summary.md and plots go (default bench/out)")
-    parser.add_argument("--from-json", type=Path, metavar="RESULTS_JSON",
-                        help="do not measure: re-render tables and plots of an earlier run")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=OUT_DIR,
+        help="where results.json, summary.md and plots go (default bench/out)",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="do not measure: re-render tables and plots of an earlier run",
+    )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--list", action="store_true", help="list scenarios and servers")
     args = parser.parse_args(argv)  # fmt: skip

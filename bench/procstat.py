@@ -18,9 +18,7 @@ def open_fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def wait_until(
-    condition: Callable[[], bool], timeout: float, interval: float = 0.02
-) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Polls ``condition`` until it holds or ``timeout`` seconds pass; returns whether it held."""
     deadline = time.monotonic() + timeout
     while True:
