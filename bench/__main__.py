@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.md").write_text(report(results, markdown=True))
     plots = [] if args.no_plots else write_plots(results, args.out)
     plot_list = ", ".join(map(str, plots)) or "none"
-    print(f"raw samples: {args.out / 'results.json'}; plots: {plot_list}")
+    raw = args.from_json or args.out / "results.json"
+    print(f"raw samples: {raw}; plots: {plot_list}")
     return 0
 
 
