@@ -72,7 +72,8 @@ level = warning
 
 
 # A/B testing a hot-path change: point this at another checkout (or a patched copy) of
-# muxd and compare "muxd" with "muxd-candidate" in the same alternating run.
+# muxd and compare "muxd" (or "muxd-poll"/"muxd-select", with the matching
+# BENCH_MUXD_CANDIDATE_BACKEND) with "muxd-candidate" in the same alternating run.
 CANDIDATE_ENV = "BENCH_MUXD_CANDIDATE"
 
 
@@ -85,7 +86,8 @@ def _candidate_root() -> Path:
 
 def _muxd_candidate(port: int, scratch: Path) -> list[str]:
     _candidate_root()
-    return _muxd_argv("epoll", port, scratch)
+    backend = os.environ.get(f"{CANDIDATE_ENV}_BACKEND", "epoll")
+    return _muxd_argv(backend, port, scratch)
 
 
 def _muxd(backend: str, port: int, scratch: Path) -> list[str]:
@@ -113,7 +115,7 @@ SERVERS: dict[str, ServerSpec] = {
         ),
         ServerSpec(
             "muxd-candidate",
-            f"muxd (epoll) from ${CANDIDATE_ENV}",
+            f"muxd from ${CANDIDATE_ENV} (backend: ${CANDIDATE_ENV}_BACKEND, default epoll)",
             _muxd_candidate,
             cwd=_candidate_root,
         ),
