@@ -1,0 +1,71 @@
+"""Smoke test of the benchmark runner: it builds, runs a tiny scenario and reports.
+
+Benchmarks are not timed tests: nothing here asserts a speed, only that the runner
+works end to end and that the load client really verified echoed bytes.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MUXD_PRESENT = (REPO_ROOT / "muxd" / "__main__.py").exists()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench-out")
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick", "--scenario", "c10-1k",
+            "--servers", "asyncio-protocol,muxd", "--duration", "0.5", "--reps", "1",
+            "--no-plots", "--out", str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout, json.loads((out / "results.json").read_text())
+
+
+def _only_sample(results: dict[str, Any], server: str) -> dict[str, Any]:
+    (sample,) = results["scenarios"]["c10-1k"]["samples"][server]
+    return sample
+
+
+def test_prints_a_table_with_a_ratio_column(quick_run: tuple[str, dict[str, Any]]) -> None:
+    stdout, _ = quick_run
+    assert "vs muxd" in stdout
+    assert "asyncio-protocol" in stdout
+
+
+def test_peer_echo_was_verified(quick_run: tuple[str, dict[str, Any]]) -> None:
+    _, results = quick_run
+    sample = _only_sample(results, "asyncio-protocol")
+    assert sample["error"] is None
+    assert sample["verified_bytes"] > 0
+    assert sample["msgs"] > 0
+
+
+@pytest.mark.skipif(not MUXD_PRESENT, reason="muxd is not in this checkout")
+def test_muxd_echo_was_verified_and_ratio_computed(
+    quick_run: tuple[str, dict[str, Any]],
+) -> None:
+    stdout, results = quick_run
+    sample = _only_sample(results, "muxd")
+    assert sample["error"] is None
+    assert sample["verified_bytes"] > 0
+    assert "1.00x" in stdout  # muxd against itself: the ratio column is populated
+
+
+def test_missing_muxd_is_reported_not_fatal(quick_run: tuple[str, dict[str, Any]]) -> None:
+    if MUXD_PRESENT:
+        pytest.skip("muxd is present")
+    _, results = quick_run
+    assert "ServerUnavailable" in _only_sample(results, "muxd")["error"]
