@@ -177,7 +177,7 @@ def _stderr_tail(log: Path, limit: int = 2000) -> str:
         return ""
 
 
-def _wait_until_accepting(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+def wait_until_accepting(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -221,7 +221,7 @@ def running_server(spec: ServerSpec, core: int) -> Iterator[RunningServer]:
                 preexec_fn=functools.partial(pin_to_core, core),
             )
         try:
-            _wait_until_accepting(process, port, log)
+            wait_until_accepting(process, port, log)
             yield RunningServer(spec, process, port)
             if process.poll() is not None:
                 raise ServerFailed(f"died during the run: {_stderr_tail(log)}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import REPO_ROOT
 from bench.build import LOADGEN_SOURCE, compiled
-from bench.servers import free_port, stop_process
+from bench.servers import free_port, stop_process, wait_until_accepting
 
 CONFIG = """\
 [server]
@@ -63,32 +63,19 @@ def listening_sockets(port: int) -> int:
     return count
 
 
-def wait_accepting(port: int, process: subprocess.Popen, timeout: float = 15.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"muxd exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("muxd did not accept connections in time")
-
-
 def measure(workers: int, conns: int, size: int, duration: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as scratch:
         port = free_port()
         config = Path(scratch) / "muxd.ini"
         config.write_text(CONFIG.format(port=port, workers=workers))
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        server = subprocess.Popen([sys.executable, "-m", "muxd", "--config", str(config)],
-                                  cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = Path(scratch) / "stderr.log"
+        with open(log, "wb") as stderr:
+            server = subprocess.Popen([sys.executable, "-m", "muxd", "--config", str(config)],
+                                      cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            wait_accepting(port, server)
+            wait_until_accepting(server, port, log)
             deadline = time.monotonic() + 15
             while listening_sockets(port) < workers:  # every worker has bound its own
                 if time.monotonic() > deadline:
