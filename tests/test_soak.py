@@ -1,6 +1,7 @@
 """Soak: the fault mix of test_faults, round after round with fresh clients, for
-``MUXD_SOAK_SECONDS`` (default 540, so a run stays under 10 minutes) on one backend (``MUXD_SOAK_BACKEND``, default
-auto). Not in the default run: ``pytest -m soak -s`` (``-s`` shows the figures).
+``MUXD_SOAK_SECONDS`` (default 540, so a run stays under 10 minutes) on one backend
+(``MUXD_SOAK_BACKEND``, default auto). Not in the default run: ``pytest -m soak -s``
+(``-s`` shows the figures).
 
 Afterwards: no descriptor leaked (the count is back to its idle value), RSS is
 within 10% of its value after the warm-up rounds, nothing was logged at error that
