@@ -160,3 +160,26 @@ def test_reset_mid_stream_does_not_disturb_others(start_muxd, backend) -> None:
     assert echo_once(survivor, payload) == payload
     survivor.close()
     assert daemon.process.poll() is None
+
+
+def test_large_buffer_and_slow_reader_keep_every_byte_in_order(start_muxd, backend) -> None:
+    # With a big buffer_size the pending echo outgrows the free space in the
+    # daemon's send buffer, so flushing it takes partial writes: the path a
+    # small buffer on loopback never reaches.
+    port = free_port()
+    start_muxd(server_config(port, backend, buffer_size=8 << 20))
+    sock = connect_slow_reader(port)
+    payload = os.urandom(24 << 20)
+    writer = threading.Thread(target=sock.sendall, args=(payload,))
+    writer.start()
+    received = bytearray()
+    sock.settimeout(30)
+    while len(received) < len(payload):
+        chunk = sock.recv(8192)
+        assert chunk, "connection ended early"
+        received += chunk
+        if len(received) % (256 << 10) < 8192:
+            time.sleep(0.001)  # pacing the reader (load shape), not synchronisation
+    writer.join(30)
+    sock.close()
+    assert bytes(received) == payload
