@@ -19,9 +19,12 @@ Order of work in one turn, and why:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
+import termios
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -46,6 +49,7 @@ _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                 errno.EOPNOTSUPP, errno.ENETUNREACH}
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_RETRY_DELAY = 0.1
+LINGER_CHECK = 0.05  # while stopping: how often to look whether a peer has acknowledged all
 RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp")
 
 
@@ -99,6 +103,7 @@ class EchoServer:
         self.signals = SignalQueue()
         self.stopping = False
         self._retry: list[Connection] = []
+        self._lingering: set[Connection] = set()  # stopping: waiting for echo to be acknowledged
         self._udp_retry: list[UdpEndpoint] = []
         self._ready_listeners: list[Listener] = []
         self._signalled = False
@@ -490,18 +495,40 @@ class EchoServer:
 
     def _settle_stopping(self, conn: Connection) -> None:
         if not conn.pending:
-            # Nothing more to send: close now, draining queued input first so
-            # the close is an orderly FIN behind the echo, not a RST.
+            # Nothing left in our buffer, but the kernel may still hold echo
+            # the peer has not acknowledged (a slow reader's small window).
+            # Closing a socket with unread input answers with RST, which
+            # throws that echo away, so: drain the input, and close now only
+            # if the peer has finished sending (no input can follow) or
+            # everything sent has been acknowledged. Otherwise linger: keep
+            # dropping input and check again shortly, until the deadline.
             if not conn.peer_finished:
                 conn.discard_input()
-            self._close(conn, Close.SHUTDOWN)
-            return
-        # Watch reads only until the peer's EOF: under level-triggering a
-        # socket at EOF stays readable and would spin the loop.
-        want = WRITE if conn.peer_finished else READ | WRITE
+            if conn.peer_finished or _unacknowledged(conn.sock) == 0:
+                self._lingering.discard(conn)
+                self._close(conn, Close.SHUTDOWN)
+                return
+            if conn not in self._lingering:
+                self._lingering.add(conn)
+                if len(self._lingering) == 1:
+                    self.timers.call_at(self._now + LINGER_CHECK, self._check_lingering)
+            want = READ
+        else:
+            # Watch reads only until the peer's EOF: under level-triggering a
+            # socket at EOF stays readable and would spin the loop.
+            want = WRITE if conn.peer_finished else READ | WRITE
         if want != conn.interest:
             self.poller.modify(conn.fd, want)
             conn.interest = want
+
+    def _check_lingering(self) -> None:
+        for conn in list(self._lingering):
+            if self.conns.get(conn.fd) is conn:
+                self._settle_stopping(conn)
+            else:
+                self._lingering.discard(conn)
+        if self._lingering:
+            self.timers.call_at(self._now + LINGER_CHECK, self._check_lingering)
 
     def _shutdown_deadline(self) -> None:
         if self.conns:
@@ -630,6 +657,14 @@ def _open_spare_fd() -> int | None:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that the peer has not acknowledged yet (SIOCOUTQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def _soft_nofile() -> int:
