@@ -23,18 +23,7 @@ from pathlib import Path
 
 from bench import REPO_ROOT
 from bench.build import LOADGEN_SOURCE, compiled
-from bench.servers import free_port, stop_process, wait_until_accepting
-
-CONFIG = """\
-[server]
-listen = 127.0.0.1:{port}
-workers = {workers}
-[limits]
-nofile = 20000
-idle_timeout = 0
-[logging]
-level = warning
-"""
+from bench.servers import MUXD_CONFIG, free_port, stop_process, wait_until_accepting
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -67,7 +56,9 @@ def measure(workers: int, conns: int, size: int, duration: float) -> dict[str, f
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as scratch:
         port = free_port()
         config = Path(scratch) / "muxd.ini"
-        config.write_text(CONFIG.format(port=port, workers=workers))
+        # The runner's muxd config, with the worker count added to [server].
+        config.write_text(MUXD_CONFIG.format(port=port, backend="auto")
+                          .replace("[limits]", f"workers = {workers}\n[limits]", 1))
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         log = Path(scratch) / "stderr.log"
         with open(log, "wb") as stderr:

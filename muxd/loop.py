@@ -22,6 +22,8 @@ import errno
 import fcntl
 import logging
 import os
+import resource
+import signal
 import socket
 import struct
 import termios
@@ -433,8 +435,6 @@ class EchoServer:
     # --- signals ---------------------------------------------------------
 
     def _on_signal(self, signum: int) -> None:
-        import signal
-
         if signum in (signal.SIGTERM, signal.SIGINT):
             self._shutdown(signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
@@ -540,7 +540,6 @@ class EchoServer:
     def _reload(self) -> None:
         self.notifier.reloading()
         old = self.config
-        source = self.config_path or "the configuration"
         try:
             new = load_config(self.config_path)
         except ConfigError as err:
@@ -565,7 +564,7 @@ class EchoServer:
         if new.idle_timeout != old.idle_timeout:
             self._schedule_housekeeping()
         applied = [name for name in changed_fields(old, new) if name != "source"]
-        logger.info("reloaded %s: %s", new.source if new.source else source,
+        logger.info("reloaded %s: %s", new.source,
                     ", ".join(applied) + " changed" if applied else "nothing changed")
         self.notifier.ready(self._status())
 
@@ -668,8 +667,6 @@ def _unacknowledged(sock: socket.socket) -> int:
 
 
 def _soft_nofile() -> int:
-    import resource
-
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 

@@ -66,7 +66,6 @@ class Worker:
 class Slot:
     failures: int = 0
     worker: Worker | None = None
-    respawn_at: float | None = None
 
 
 class Supervisor:
@@ -127,7 +126,6 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         slot = self.slots[index]
-        slot.respawn_at = None
         for stream in (logging.getLogger("muxd").handlers or []):
             stream.flush()
         pid = os.fork()
@@ -314,9 +312,8 @@ class Supervisor:
             slot.failures += 1
             logger.warning("supervisor: worker %d (pid %d) %s; replacing it in %gs",
                            worker.slot, pid, how, delay)
-            slot.respawn_at = self._now + delay
             index = worker.slot
-            self.timers.call_at(slot.respawn_at, lambda index=index: self._respawn(index))
+            self.timers.call_at(self._now + delay, lambda index=index: self._respawn(index))
 
     def _respawn(self, index: int) -> None:
         if not self.stopping and self.slots[index].worker is None:
