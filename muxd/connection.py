@@ -16,6 +16,9 @@ It is correct under both edge- and level-triggered readiness:
 * Reads per event are capped (``MAX_READS_PER_EVENT``) so one fast client
   cannot starve the rest (epoll(7), "Possible pitfalls"). Stopping short of
   EAGAIN under edge-triggering needs a promise to come back: ``AGAIN``.
+* The loop inlines the commonest case (a plain "readable" on a connection
+  that owes nothing: one short read, echoed whole) and hands anything else
+  to ``finish_read``, which carries on exactly where ``on_readable`` would.
 * Unsent bytes wait in ``pending``. Writability is watched only while
   ``pending`` is non-empty; reading pauses at ``high_water`` bytes and
   resumes below a quarter of it, so a client that sends without reading
@@ -129,6 +132,29 @@ class Connection:
             reads += 1
             if reads == MAX_READS_PER_EVENT:
                 return self._wanted() | AGAIN
+        return self._wanted()
+
+    def finish_read(self, received: int, sent: int) -> int:
+        """Take over from the loop's fast path when a read was not the plain case.
+
+        The fast path (``EchoServer._dispatch``) runs only on a connection whose
+        interest is exactly ``READ``, which means nothing is owed, reading is
+        not paused and the peer has not finished. It read ``received`` bytes
+        into ``RECV_BUFFER`` (0: the peer's EOF) and echoed the first ``sent``
+        of them; it handles a short read echoed whole by itself and comes here
+        for everything else: EOF, a full buffer (there may be more to read),
+        or an echo that fell short."""
+        if not received:
+            self.read_closed = self.peer_finished = True
+            return self._wanted()
+        self.bytes_in += received
+        if sent < received:
+            self.pending = bytearray(RECV_VIEW[sent:received])
+            if received - sent >= self.high_water:
+                self.paused = True
+                return self._wanted()
+        if received == READ_CHUNK:
+            return self.on_readable(False)  # a full buffer: read on, behind what is owed
         return self._wanted()
 
     def on_writable(self) -> int:

@@ -6,7 +6,9 @@ registers an *interest* (``READ``, ``WRITE`` or both) and gets back
 bits are not translated, because that would cost a Python operation per event
 on the hot path; instead each backend says which bits mean "try to read"
 (``readable_mask``), "try to write" (``writable_mask``) and "the peer may have
-hung up, so read to the end" (``hangup_mask``).
+hung up, so read to the end" (``hangup_mask``), and which exact value means
+"readable and nothing else" (``readable_only``): the event almost every
+message arrives with, which the loop recognises with one comparison.
 
 Edge- versus level-triggering is the one behavioural difference the loop must
 know (``edge_triggered``): under epoll's EPOLLET an fd is reported once per
@@ -34,6 +36,7 @@ class Poller:
     readable_mask: ClassVar[int]
     writable_mask: ClassVar[int]
     hangup_mask: ClassVar[int] = 0
+    readable_only: ClassVar[int]
 
     def register(self, fd: int, interest: int) -> None:
         raise NotImplementedError
@@ -70,6 +73,7 @@ if hasattr(select, "epoll"):
         readable_mask = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
         writable_mask = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
         hangup_mask = select.EPOLLHUP | select.EPOLLRDHUP | select.EPOLLERR
+        readable_only = select.EPOLLIN
         _native = {
             READ: select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET,
             WRITE: select.EPOLLOUT | select.EPOLLET,
@@ -78,9 +82,10 @@ if hasattr(select, "epoll"):
 
         def __init__(self) -> None:
             self._epoll = select.epoll()
-
-        def poll(self, timeout: float | None) -> list[tuple[int, int]]:
-            return self._epoll.poll(-1 if timeout is None else timeout)
+            # epoll.poll already speaks this interface (seconds, None for
+            # forever), so the loop calls the builtin itself: no Python
+            # frame in between, once per turn.
+            self.poll = self._epoll.poll  # type: ignore[method-assign]
 
         def register(self, fd: int, interest: int) -> None:
             self._epoll.register(fd, self._native[interest])
@@ -106,6 +111,7 @@ if hasattr(select, "poll"):
         readable_mask = select.POLLIN | select.POLLERR | select.POLLHUP | _rdhup
         writable_mask = select.POLLOUT | select.POLLERR | select.POLLHUP
         hangup_mask = select.POLLHUP | _rdhup | select.POLLERR
+        readable_only = select.POLLIN
         _native = {
             READ: select.POLLIN | _rdhup,
             WRITE: select.POLLOUT,
@@ -144,6 +150,7 @@ class SelectPoller(Poller):
     _IN, _OUT = 1, 4
     readable_mask = _IN
     writable_mask = _OUT
+    readable_only = _IN
 
     def __init__(self) -> None:
         self._readers: set[int] = set()
