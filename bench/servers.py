@@ -132,6 +132,11 @@ SERVERS: dict[str, ServerSpec] = {
             functools.partial(_python_module, "bench.peers.asyncio_streams"),
         ),
         ServerSpec(
+            "python-floor",
+            "the least a Python epoll loop can do per message (a measuring stick)",
+            functools.partial(_python_module, "bench.peers.python_floor"),
+        ),
+        ServerSpec(
             "select-textbook",
             "seed's textbook select loop",
             functools.partial(_python_module, "bench.peers.select_textbook"),

@@ -21,7 +21,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
     completed = subprocess.run(
         [
             sys.executable, "-m", "bench", "--quick", "--scenario", "c10-1k",
-            "--servers", "asyncio-protocol,muxd", "--duration", "0.5", "--reps", "1",
+            "--servers", "asyncio-protocol,python-floor,muxd", "--duration", "0.5", "--reps", "1",
             "--no-plots", "--out", str(out),
         ],
         cwd=REPO_ROOT,
@@ -44,9 +44,10 @@ def test_prints_a_table_with_a_ratio_column(quick_run: tuple[str, dict[str, Any]
     assert "asyncio-protocol" in stdout
 
 
-def test_peer_echo_was_verified(quick_run: tuple[str, dict[str, Any]]) -> None:
+@pytest.mark.parametrize("peer", ["asyncio-protocol", "python-floor"])
+def test_peer_echo_was_verified(quick_run: tuple[str, dict[str, Any]], peer: str) -> None:
     _, results = quick_run
-    sample = _only_sample(results, "asyncio-protocol")
+    sample = _only_sample(results, peer)
     assert sample["error"] is None
     assert sample["verified_bytes"] > 0
     assert sample["msgs"] > 0
