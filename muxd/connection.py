@@ -137,13 +137,13 @@ class Connection:
     def finish_read(self, received: int, sent: int) -> int:
         """Take over from the loop's fast path when a read was not the plain case.
 
-        The fast path (``EchoServer._dispatch``) runs only on a connection whose
-        interest is exactly ``READ``, which means nothing is owed, reading is
-        not paused and the peer has not finished. It read ``received`` bytes
-        into ``RECV_BUFFER`` (0: the peer's EOF) and echoed the first ``sent``
-        of them; it handles a short read echoed whole by itself and comes here
-        for everything else: EOF, a full buffer (there may be more to read),
-        or an echo that fell short."""
+        The fast path (in ``EchoServer._run_until_stopped``) runs only on a
+        connection whose interest is exactly ``READ``, which means nothing is
+        owed, reading is not paused and the peer has not finished. It read
+        ``received`` bytes into ``RECV_BUFFER`` (0: the peer's EOF) and echoed
+        the first ``sent`` of them; it handles a short read echoed whole by
+        itself and comes here for everything else: EOF, a full buffer (there
+        may be more to read), or an echo that fell short."""
         if not received:
             self.read_closed = self.peer_finished = True
             return self._wanted()
