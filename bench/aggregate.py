@@ -53,15 +53,17 @@ def ratio_to_baseline(
 
 
 # "srv us/msg": the server process's utime+stime per echoed message: the cost measure that
-# does not depend on whether the load client kept up. "core busy%" is a whole CPU's busy
+# does not depend on whether the load client kept up. "user us/msg": the utime part alone,
+# the server's own work (for a Python server: the interpreter's), the rest being the
+# kernel's socket and epoll work done on its behalf. "core busy%" is a whole CPU's busy
 # time from /proc/stat (softirq and any other tenant included): the server core near 100%
 # means the server was the bottleneck. The client's headroom is 100 - "client CPU%".
 # "others%": busy time of both cores not charged to the server or the client (softirq,
 # other tenants), in % of one core; a few % is normal, tens of % means a noisy machine.
 THROUGHPUT_COLUMNS = [
     "server", "msg/s median [min-max]", "MiB/s", "vs muxd", "srv us/msg [min-max]",
-    "us/msg vs muxd", "srv core busy%", "client CPU%", "client core busy%", "others%",
-    "p50 us", "p99 us", "ok/runs",
+    "us/msg vs muxd", "user us/msg", "srv core busy%", "client CPU%", "client core busy%",
+    "others%", "p50 us", "p99 us", "ok/runs",
 ]  # fmt: skip
 MEMORY_COLUMNS = [
     "server", "RSS before MiB", "RSS after MiB", "bytes/conn median [min-max]", "vs muxd",
@@ -111,6 +113,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 ratio_text,
                 _fmt_spread(spread(samples, "server_cpu_us_per_msg"), 2),
                 _ratio_text(ratio_to_baseline(result, server, "server_cpu_us_per_msg")),
+                _fmt(_median(samples, "server_user_us_per_msg"), 2),
                 _fmt(_median(samples, "server_core_busy_pct")),
                 _fmt(_median(samples, "client_cpu_pct")),
                 _fmt(_median(samples, "client_core_busy_pct")),

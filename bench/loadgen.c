@@ -10,7 +10,7 @@
  * Phases: connect idle -> [READY line, wait for "GO" on stdin] -> connect active
  *         -> warmup W s -> measured window T s -> drain (bounded) -> JSON line.
  *
- * The server's utime+stime are read from /proc/PID/stat at the exact window
+ * The server's utime+stime (and utime alone) are read from /proc/PID/stat at the window
  * edges so server CPU per message is computed over the same interval as the
  * message count. Everything is bounded: an alarm() kills the run if any phase
  * hangs.
@@ -98,8 +98,10 @@ static double cpu_seconds_self(void) {
            ru.ru_stime.tv_usec / 1e6;
 }
 
-/* utime+stime of the whole server process (all threads), in seconds; <0 if unknown. */
-static double cpu_seconds_of(long pid) {
+/* utime+stime of the whole server process (all threads), in seconds; <0 if unknown.
+ * If user is not NULL it gets utime alone: a server's own (interpreter) work, as opposed
+ * to the kernel's socket and epoll work done on its behalf. */
+static double cpu_seconds_of(long pid, double *user) {
     if (pid <= 0) return -1;
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%ld/stat", pid);
@@ -114,7 +116,9 @@ static double cpu_seconds_of(long pid) {
     /* after ")": state(3) ... utime is field 14, stime 15 */
     if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime) != 2)
         return -1;
-    return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
+    double tick = (double)sysconf(_SC_CLK_TCK);
+    if (user) *user = (double)utime / tick;
+    return (double)(utime + stime) / tick;
 }
 
 /* Busy and total jiffies of one CPU from /proc/stat. Loopback packet delivery runs in
@@ -426,6 +430,7 @@ int main(int argc, char **argv) {
     uint64_t window_end = window_start + (uint64_t)(opt.duration * 1e9);
     uint64_t drain_end = window_end + (uint64_t)(DRAIN_SECONDS * 1e9);
     double client_cpu0 = 0, server_cpu0 = -1, client_cpu1 = 0, server_cpu1 = -1;
+    double server_user0 = 0, server_user1 = 0;
     struct core_time server_core0 = {-1, -1, -1}, server_core1 = server_core0;
     struct core_time client_core0 = server_core0, client_core1 = server_core0;
     uint64_t measured_start = 0, measured_end = 0;
@@ -437,14 +442,14 @@ int main(int argc, char **argv) {
             recording = 1;
             measured_start = t;
             client_cpu0 = cpu_seconds_self();
-            server_cpu0 = cpu_seconds_of(opt.server_pid);
+            server_cpu0 = cpu_seconds_of(opt.server_pid, &server_user0);
             server_core0 = core_time_of(opt.server_core);
             client_core0 = core_time_of(opt.client_core);
         }
         if (recording && t >= window_end) {
             measured_end = t;
             client_cpu1 = cpu_seconds_self();
-            server_cpu1 = cpu_seconds_of(opt.server_pid);
+            server_cpu1 = cpu_seconds_of(opt.server_pid, &server_user1);
             server_core1 = core_time_of(opt.server_core);
             client_core1 = core_time_of(opt.client_core);
             recording = 0;
@@ -506,6 +511,7 @@ int main(int argc, char **argv) {
            "\"p50_us\": %.2f, \"p90_us\": %.2f, \"p99_us\": %.2f, \"p999_us\": %.2f, "
            "\"max_us\": %.2f, \"client_cpu_s\": %.4f, \"client_cpu_pct\": %.1f, "
            "\"server_cpu_s\": %.4f, \"server_cpu_pct\": %.1f, \"server_cpu_us_per_msg\": %.4f, "
+           "\"server_user_us_per_msg\": %.4f, "
            "\"server_core_busy_pct\": %.1f, \"server_core_softirq_pct\": %.1f, "
            "\"server_core_us_per_msg\": %.4f, \"client_core_busy_pct\": %.1f, "
            "\"verified_bytes\": %llu, \"errors\": %llu, \"first_error\": \"%s\"}\n",
@@ -516,6 +522,8 @@ int main(int argc, char **argv) {
            lat_len ? lat_ns[lat_len - 1] / 1000.0 : -1.0, client_cpu, 100.0 * client_cpu / secs,
            server_cpu, server_cpu >= 0 ? 100.0 * server_cpu / secs : -1.0,
            server_cpu >= 0 && total_msgs ? server_cpu * 1e6 / (double)total_msgs : -1.0,
+           server_cpu >= 0 && total_msgs ? (server_user1 - server_user0) * 1e6 / (double)total_msgs
+                                         : -1.0,
            pct(server_core_busy, server_core_total), pct(server_core_softirq, server_core_total),
            have_cores && total_msgs ? server_core_busy * 1e6 / (double)total_msgs : -1.0,
            pct(client_core_busy, client_core_total), (unsigned long long)verified_bytes, (unsigned long long)errors, first_error);
