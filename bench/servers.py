@@ -182,8 +182,10 @@ def _stderr_tail(log: Path, limit: int = 2000) -> str:
         return ""
 
 
-def wait_until_accepting(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def wait_until_accepting(
+    process: subprocess.Popen[bytes], port: int, log: Path, timeout: float = STARTUP_TIMEOUT_S
+) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerFailed(f"exited with {process.returncode}: {_stderr_tail(log)}")
@@ -192,7 +194,7 @@ def wait_until_accepting(process: subprocess.Popen[bytes], port: int, log: Path)
             return
         except OSError:
             time.sleep(0.02)  # poll interval while the server binds, not a settle delay
-    raise ServerFailed(f"not accepting on port {port} after {STARTUP_TIMEOUT_S}s")
+    raise ServerFailed(f"not accepting on port {port} after {timeout}s")
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -207,7 +209,9 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_server(spec: ServerSpec, core: int) -> Iterator[RunningServer]:
+def running_server(
+    spec: ServerSpec, core: int, startup_timeout: float = STARTUP_TIMEOUT_S
+) -> Iterator[RunningServer]:
     """Starts ``spec`` pinned to ``core``, yields once it accepts, and always stops it."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{spec.name}-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -226,7 +230,7 @@ def running_server(spec: ServerSpec, core: int) -> Iterator[RunningServer]:
                 preexec_fn=functools.partial(pin_to_core, core),
             )
         try:
-            wait_until_accepting(process, port, log)
+            wait_until_accepting(process, port, log, startup_timeout)
             yield RunningServer(spec, process, port)
             if process.poll() is not None:
                 raise ServerFailed(f"died during the run: {_stderr_tail(log)}")

@@ -5,6 +5,7 @@ works end to end and that the load client really verified echoed bytes.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,23 @@ def test_muxd_echo_was_verified_and_ratio_computed(
     assert sample["error"] is None
     assert sample["verified_bytes"] > 0
     assert "1.00x" in stdout  # muxd against itself: the ratio column is populated
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
+def test_callgrind_counts_instructions_per_message(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "bench.callgrind", "--servers", "python-floor",
+            "--seconds", "0.5", "--out", str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    row = next(line for line in completed.stdout.splitlines() if line.startswith("python-floor"))
+    _name, messages, per_message, _ratio = row.split()
+    assert int(messages.replace(",", "")) > 0
+    # The floor's loop is a few hundred bytecodes' worth of C per message, never zero.
+    assert 500 < float(per_message.replace(",", "")) < 100_000
