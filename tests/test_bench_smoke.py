@@ -64,6 +64,13 @@ def test_muxd_echo_was_verified_and_ratio_computed(
     assert "1.00x" in stdout  # muxd against itself: the ratio column is populated
 
 
+def test_user_time_is_a_part_of_server_cpu(quick_run: tuple[str, dict[str, Any]]) -> None:
+    stdout, results = quick_run
+    sample = _only_sample(results, "muxd")
+    assert 0 <= sample["server_user_us_per_msg"] <= sample["server_cpu_us_per_msg"]
+    assert "user us/msg" in stdout
+
+
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
 def test_callgrind_counts_instructions_per_message(tmp_path: Path) -> None:
     completed = subprocess.run(
