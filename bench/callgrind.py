@@ -41,13 +41,11 @@ def under_callgrind(spec: ServerSpec, valgrind: str, out_dir: Path) -> ServerSpe
     return dataclasses.replace(spec, argv=argv)
 
 
-def total_instructions(dumps: list[Path]) -> int:
-    total = 0
-    for dump in dumps:
-        for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith("totals:"):
-                total += int(line.split()[1])
-    return total
+def total_instructions(dump: Path) -> int:
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _control(callgrind_control: str, *args: str) -> None:
@@ -73,7 +71,7 @@ def measure(spec: ServerSpec, load: Load, seconds: float, out_dir: Path) -> tupl
         deadline = time.monotonic() + DUMP_TIMEOUT_S
         while not dump.exists() and time.monotonic() < deadline:
             time.sleep(0.1)  # callgrind writes the dump asynchronously
-    return result["msgs"], total_instructions([dump])
+    return result["msgs"], total_instructions(dump)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,22 +16,29 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("bench-out")
+def _run_bench_module(*args: str, timeout: float) -> str:
+    """Runs ``python -m <args>`` from the checkout; returns its stdout, failing on an error."""
     completed = subprocess.run(
-        [
-            sys.executable, "-m", "bench", "--quick", "--scenario", "c10-1k",
-            "--servers", "asyncio-protocol,python-floor,muxd", "--duration", "0.5", "--reps", "1",
-            "--no-plots", "--out", str(out),
-        ],
+        [sys.executable, "-m", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
+        timeout=timeout,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench-out")
+    stdout = _run_bench_module(
+        "bench", "--quick", "--scenario", "c10-1k",
+        "--servers", "asyncio-protocol,python-floor,muxd", "--duration", "0.5", "--reps", "1",
+        "--no-plots", "--out", str(out),
         timeout=120,
     )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
-    return completed.stdout, json.loads((out / "results.json").read_text())
+    return stdout, json.loads((out / "results.json").read_text())
 
 
 def _only_sample(results: dict[str, Any], server: str) -> dict[str, Any]:
@@ -73,18 +80,11 @@ def test_user_time_is_a_part_of_server_cpu(quick_run: tuple[str, dict[str, Any]]
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
 def test_callgrind_counts_instructions_per_message(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable, "-m", "bench.callgrind", "--servers", "python-floor",
-            "--seconds", "0.5", "--out", str(tmp_path),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
+    stdout = _run_bench_module(
+        "bench.callgrind", "--servers", "python-floor", "--seconds", "0.5", "--out", str(tmp_path),
         timeout=300,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
-    row = next(line for line in completed.stdout.splitlines() if line.startswith("python-floor"))
+    )
+    row = next(line for line in stdout.splitlines() if line.startswith("python-floor"))
     _name, messages, per_message, _ratio = row.split()
     assert int(messages.replace(",", "")) > 0
     # The floor's loop is a few hundred bytecodes' worth of C per message, never zero.
