@@ -1,9 +1,13 @@
-"""Session fixtures for the systemd suite: one booted container with muxd installed in it.
+"""Session fixtures for the systemd suite: a booted container per Debian release, muxd in it.
 
-Costs, so the suite stays within a few minutes: the Debian root filesystem is debootstrapped
-once per machine and cached; each session builds a wheelhouse on the host (the container has
-no network), boots the cached tree with --volatile=overlay (pristine every time, ~1 s) and runs
-packaging/install.sh inside it once. Each test then starts from a reset muxd.
+Every systemd test runs once per release in nspawn.RELEASES (bookworm: systemd 252, trixie:
+systemd 257); MUXD_TEST_RELEASES=trixie (comma-separated) narrows a development run.
+Costs, so the suite stays within a few minutes: each release's root filesystem is
+debootstrapped once per machine and cached; each session builds a wheelhouse on the host (the
+container has no network), boots each cached tree with --volatile=overlay (pristine every
+time, ~1 s) and runs packaging/install.sh inside it once. pytest runs all tests of one release
+before booting the next, so only one such container runs at a time. Each test then starts
+from a reset muxd.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pytest
 from nspawn import (
     MACHINE_PREFIX,
     MUXD_CONFIG,
+    RELEASES,
     SOURCE_INSIDE,
     WHEELHOUSE_INSIDE,
     Container,
@@ -33,6 +38,10 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCE = Path(os.environ.get("MUXD_TEST_SOURCE", REPO))
 CACHE = Path(os.environ.get("MUXD_TEST_CACHE", "/var/cache/muxd-test"))
 REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter")
+SELECTED_RELEASES = tuple(
+    release for release in os.environ.get("MUXD_TEST_RELEASES", ",".join(RELEASES)).split(",")
+    if release
+)
 
 
 def missing_prerequisite() -> str:
@@ -47,24 +56,52 @@ def missing_prerequisite() -> str:
     return ""
 
 
-@pytest.fixture(scope="session")
-def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+def require_prerequisites() -> None:
     reason = missing_prerequisite()
     if reason:
         # CI sets this so that a machine without the tools fails loudly instead of passing.
         if os.environ.get("MUXD_REQUIRE_SYSTEMD_TESTS") == "1":
             pytest.fail(f"systemd suite required but cannot run: {reason}")
         pytest.skip(reason)
-    rootfs = ensure_rootfs(CACHE, apt_mirror())
-    work = tmp_path_factory.mktemp("systemd")
+
+
+@pytest.fixture(scope="session", params=SELECTED_RELEASES)
+def release(request: pytest.FixtureRequest) -> str:
+    """The Debian release a systemd test runs on (each test runs once per release)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def rootfs(release: str) -> Path:
+    """The cached, debootstrapped root filesystem of this release."""
+    require_prerequisites()
+    return ensure_rootfs(CACHE, apt_mirror(), release)
+
+
+@pytest.fixture(scope="session")
+def source_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # An exported copy (no .git) is what gets installed: install.sh must not need git.
-    source = export_tree(SOURCE, work / "src")
-    wheelhouse = build_wheelhouse(source, work / "wheelhouse")
+    return export_tree(SOURCE, tmp_path_factory.mktemp("source") / "src")
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(source_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheelhouse(source_tree, tmp_path_factory.mktemp("wheelhouse"))
+
+
+@pytest.fixture(scope="session")
+def container(
+    release: str, rootfs: Path, source_tree: Path, wheelhouse: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Container]:
+    """A booted container of this release with muxd installed by packaging/install.sh."""
+    work = tmp_path_factory.mktemp(f"systemd-{release}")
     machine = Container(
         rootfs,
-        name=f"{MACHINE_PREFIX}{os.getpid()}",
-        binds_ro={source: SOURCE_INSIDE, wheelhouse: WHEELHOUSE_INSIDE},
+        name=f"{MACHINE_PREFIX}{release}-{os.getpid()}",
+        binds_ro={source_tree: SOURCE_INSIDE, wheelhouse: WHEELHOUSE_INSIDE},
         log_path=work / "nspawn.log",
+        release=release,
     )
     machine.boot()
     try:
