@@ -13,8 +13,11 @@ from a reset muxd.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,9 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCE = Path(os.environ.get("MUXD_TEST_SOURCE", REPO))
 CACHE = Path(os.environ.get("MUXD_TEST_CACHE", "/var/cache/muxd-test"))
 REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter")
+# packaging/build-deb.sh's tools (.ci/run installs them).
+DEB_BUILD_TOOLS = ("dpkg-buildpackage", "dh", "scdoc", "lintian")
+DEBS_INSIDE = "/debs"
 SELECTED_RELEASES = tuple(
     release for release in os.environ.get("MUXD_TEST_RELEASES", ",".join(RELEASES)).split(",")
     if release
@@ -56,8 +62,11 @@ def missing_prerequisite() -> str:
     return ""
 
 
-def require_prerequisites() -> None:
+def require_prerequisites(extra_tools: tuple[str, ...] = ()) -> None:
     reason = missing_prerequisite()
+    absent = [tool for tool in extra_tools if shutil.which(tool) is None]
+    if not reason and absent:
+        reason = f"{', '.join(absent)} not installed (see packaging/build-deb.sh)"
     if reason:
         # CI sets this so that a machine without the tools fails loudly instead of passing.
         if os.environ.get("MUXD_REQUIRE_SYSTEMD_TESTS") == "1":
@@ -121,3 +130,70 @@ def muxd(container: Container, pristine_config: str) -> Container:
     """The container with muxd stopped, its units unmodified and the default config."""
     reset_muxd(container, pristine_config)
     return container
+
+
+@dataclass(frozen=True)
+class DebianPackages:
+    """The package as built from this tree, and a newer build of it to upgrade to."""
+
+    directory: Path  # on the host; bound read-only at DEBS_INSIDE
+    version: str
+    newer_version: str
+
+    def inside(self, version: str) -> str:
+        return f"{DEBS_INSIDE}/muxd_{version}_all.deb"
+
+
+def build_deb(source: Path, outdir: Path, *args: str) -> str:
+    result = subprocess.run(
+        [str(source / "packaging" / "build-deb.sh"), *args, str(outdir)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"build-deb.sh failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def debian_packages(
+    source_tree: Path, tmp_path_factory: pytest.TempPathFactory
+) -> DebianPackages:
+    """packaging/build-deb.sh run once per session on the host, lintian included, plus a
+    build of the same tree with a higher version (a newer changelog entry and __version__)."""
+    require_prerequisites(DEB_BUILD_TOOLS)
+    outdir = tmp_path_factory.mktemp("debs")
+    build_deb(source_tree, outdir)
+    version = re.search(r'__version__ = "([^"]+)"',
+                        (source_tree / "muxd/__init__.py").read_text()).group(1)  # type: ignore[union-attr]
+    newer = f"{version}+test1"
+    bumped = export_tree(source_tree, tmp_path_factory.mktemp("newer") / "src")
+    init = bumped / "muxd/__init__.py"
+    init.write_text(init.read_text().replace(f'"{version}"', f'"{newer}"'))
+    changelog = bumped / "packaging/debian/changelog"
+    changelog.write_text(
+        f"muxd ({newer}) unstable; urgency=medium\n\n  * A newer build for the upgrade test."
+        "\n\n -- muxd tests <tests@muxd.invalid>  Tue, 01 Dec 2026 21:00:00 +0000\n\n"
+        + changelog.read_text()
+    )
+    build_deb(bumped, outdir, "--no-lintian")
+    return DebianPackages(outdir, version, newer)
+
+
+@pytest.fixture(scope="module")
+def bare_container(
+    release: str, rootfs: Path, debian_packages: DebianPackages,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Container]:
+    """A booted container of this release without muxd: the built .debs at /debs, no network."""
+    work = tmp_path_factory.mktemp(f"deb-{release}")
+    machine = Container(
+        rootfs,
+        name=f"{MACHINE_PREFIX}deb-{release}-{os.getpid()}",
+        binds_ro={debian_packages.directory: DEBS_INSIDE},
+        log_path=work / "nspawn.log",
+        release=release,
+    )
+    machine.boot()
+    try:
+        yield machine
+    finally:
+        machine.poweroff()
