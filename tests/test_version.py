@@ -32,3 +32,8 @@ def test_pyproject_takes_the_version_from_the_package() -> None:
     assert "version" not in project["project"]
     assert "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "muxd.__version__"}
+
+
+def test_readme_installs_the_file_build_deb_writes() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert f"sudo apt install ./dist/muxd_{__version__}_all.deb" in readme
