@@ -9,7 +9,8 @@ a venv that sees those system packages gets this checkout installed editable, wi
 index and without build isolation, and pytest runs there on everything but tests/systemd.
 So trixie's run tests muxd on Python 3.13 with trixie's sdnotify and python-daemon, and
 bookworm's on the oldest versions muxd supports (python3-daemon 2.3.2, python3-sdnotify 0.3.1).
-Exits with pytest's status.
+Exits with pytest's status. `--prepare` only builds (or finds) every release's cached root
+filesystem, all at once: on a fresh machine, .ci/run starts it before anything else.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nspawn import MACHINE_PREFIX, RELEASES, apt_mirror, ensure_rootfs, export_tree, run_in_tree
@@ -37,8 +39,15 @@ exec /tmp/venv/bin/python -m pytest -p no:cacheprovider --ignore=tests/systemd "
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--prepare"]:
+        mirror = apt_mirror()
+        with ThreadPoolExecutor(len(RELEASES)) as pool:
+            for tree in pool.map(lambda release: ensure_rootfs(CACHE, mirror, release), RELEASES):
+                print(tree)
+        return 0
     if not argv or argv[0] not in RELEASES:
-        print(f"usage: {sys.argv[0]} {{{','.join(RELEASES)}}} [PYTEST ARGS...]", file=sys.stderr)
+        print(f"usage: {sys.argv[0]} {{{','.join(RELEASES)}}} [PYTEST ARGS...] | --prepare",
+              file=sys.stderr)
         return 64
     release, pytest_args = argv[0], argv[1:]
     rootfs = ensure_rootfs(CACHE, apt_mirror(), release)

@@ -87,6 +87,13 @@ def test_upgrade_keeps_the_edited_conffile_and_restarts_the_service(
     old_pid = deb.main_pid()
     assert old_pid
 
+    # Restarted, not stopped and started: prerm stops the units only on removal, so the
+    # old process serves until postinst restarts it (and a restart keeps systemd's fd store).
+    prerm = deb.path("/var/lib/dpkg/info/muxd.prerm").read_text().splitlines()
+    stops = [n for n, line in enumerate(prerm) if "deb-systemd-invoke stop" in line]
+    assert stops, prerm
+    assert all('"$1" = remove' in prerm[n - 1] for n in stops), prerm
+
     output = apt_install(deb, debian_packages.inside(debian_packages.newer_version))
     assert installed_version(deb) == debian_packages.newer_version, output
     assert deb.path(MUXD_CONFIG).read_text() == edited
