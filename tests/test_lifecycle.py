@@ -232,6 +232,21 @@ def test_no_watchdog_pings_without_watchdog_usec_and_hook_is_off(start_muxd) -> 
         assert echo_once(sock, b"up") == b"up"
 
 
+@pytest.mark.parametrize("usec", ["0", "-400000"])
+def test_a_zero_or_negative_watchdog_usec_means_no_watchdog(start_muxd, usec) -> None:
+    # sd_watchdog_enabled(3): not a positive number, no watchdog. A ping every 0 s
+    # would be a timer due at once, for ever: the loop would never serve again.
+    port = free_port()
+    daemon = start_muxd(server_config(port), env={"WATCHDOG_USEC": usec})
+    with connect(port, timeout=2) as sock:
+        assert echo_once(sock, b"up") == b"up"
+    assert not [m for m in daemon.notify.messages if "WATCHDOG" in m]
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=5) == 0
+    assert time.monotonic() - started < 2, "SIGTERM took too long to be handled"
+
+
 def test_socket_activation_uses_the_inherited_listener(start_muxd, tmp_path) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
