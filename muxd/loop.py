@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 from muxd.admission import Admission
 from muxd.config import Config
-from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection
+from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection, read_size
 from muxd.housekeeping import Housekeeping
 from muxd.listeners import Listener
 from muxd.notify import Notifier, watchdog_interval
@@ -133,6 +133,7 @@ class EchoServer:
         hangup = poller.hangup_mask
         infinity = math.inf
         shared = self.shared
+        chunk, into = self._read_size()
         close = shared.close
         now = shared.now
         while not (shared.stopping and not shared.conns):
@@ -191,7 +192,7 @@ class EchoServer:
                     # of the CPU.
                     sock = conn.sock
                     try:
-                        received = sock.recv_into(RECV_BUFFER)
+                        received = sock.recv_into(into)
                     except BlockingIOError:
                         continue
                     except OSError:
@@ -205,12 +206,12 @@ class EchoServer:
                         except OSError:
                             close(conn, Close.RESET)
                             continue
-                        if sent == received and received < READ_CHUNK:
+                        if sent == received and received < chunk:
                             conn.bytes_in += received
                             continue
-                        want = conn.finish_read(received, sent)
+                        want = conn.finish_read(received, sent, chunk)
                     else:
-                        want = conn.finish_read(0, 0)
+                        want = conn.finish_read(0, 0, chunk)
                     if want != conn.interest:
                         self._apply(conn, want)
             if retry:
@@ -228,8 +229,15 @@ class EchoServer:
                 self._signalled = False
                 for signum in self.signals.take():
                     self._on_signal(signum)
+                chunk, into = self._read_size()  # a reload may have changed buffer_size
             if now >= timers.next_due:
                 timers.run_due(now)
+
+    def _read_size(self) -> tuple[int, bytearray | memoryview]:
+        """What the fast path reads at most, and into what: no more than buffer_size, so
+        an echo that falls short never leaves more than that owed (connection.py)."""
+        chunk = read_size(self.shared.config.buffer_size)
+        return chunk, RECV_BUFFER if chunk == READ_CHUNK else RECV_VIEW[:chunk]
 
     def _apply(self, conn: Connection, want: int) -> None:
         if want < 0:
