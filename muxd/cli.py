@@ -9,11 +9,19 @@ import sys
 
 from muxd import __version__
 from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, Config, ConfigError, load_config
-from muxd.listeners import Listener, ListenerError, bind_listeners, describe, inherited_sockets
+from muxd.listeners import (
+    Listener,
+    ListenerError,
+    bind_listeners,
+    check_unserved,
+    describe,
+    inherited_sockets,
+)
 from muxd.logs import logger, set_level, setup_logging, stderr_is_journal
 from muxd.notify import Notifier
 from muxd.pollers import create_poller
 from muxd.resources import raise_nofile
+from muxd.signals import hold_until_handled
 from muxd.udp import UdpEndpoint, bind_udp, inherited_endpoint
 
 EX_USAGE = 64
@@ -41,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hold_until_handled()  # again for the console script, which imports us first
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
@@ -71,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         # Workers bind their own SO_REUSEPORT sockets after the fork; only
         # inherited ones are taken here, before the environment is cleared.
         sockets = _inherited_sockets() if workers else _open_sockets(config)
+        if workers and sockets is None:
+            check_unserved(config.listen, config.udp)
     except ListenerError as err:
         logger.error("%s", err)
         return err.exit_status

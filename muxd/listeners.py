@@ -59,6 +59,30 @@ def bind_listeners(addresses: tuple[Address, ...], backlog: int,
     return listeners
 
 
+def check_unserved(listen: tuple[Address, ...], udp: tuple[Address, ...]) -> None:
+    """Raise ListenerError (as a single daemon's bind would) if any address is
+    already served, by another muxd or any other program.
+
+    Workers bind with SO_REUSEPORT, and Linux lets any socket of the same user
+    that sets it join a port, so a second workers instance would start and take
+    half of the first one's connections. A probe without SO_REUSEPORT (and, for
+    UDP, without SO_REUSEADDR, which UDP sockets can share too) fails with
+    EADDRINUSE if anything is there. Two instances started in the same instant
+    can still both pass; the point is the operator's second start."""
+    for address in listen:
+        bind_socket(address, socket.SOCK_STREAM, False, str(address)).close()
+    for address in udp:
+        family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
+        what = f"udp {address}"
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                probe.bind((address.host, address.port))
+            except OSError as err:
+                raise explain_bind_error(what, address.port, err) from None
+
+
 def _bind_one(address: Address, backlog: int, reuse_port: bool) -> socket.socket:
     sock = bind_socket(address, socket.SOCK_STREAM, reuse_port, str(address))
     try:

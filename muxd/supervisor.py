@@ -32,12 +32,12 @@ import struct
 import time
 from dataclasses import dataclass, replace
 
-from muxd.config import Config, ConfigError, changed_fields, load_config
+from muxd.config import RESTART_ONLY_FIELDS, Config, ConfigError, changed_fields, load_config
 from muxd.listeners import ListenerError, bind_listeners
 from muxd.logs import set_level, setup_logging
 from muxd.notify import Notifier, watchdog_interval
 from muxd.pollers import READ, available_backends, create_poller
-from muxd.signals import HANDLED, SignalQueue
+from muxd.signals import HANDLED, RELAYED_STOP, SignalQueue, block, take_stops_from_supervisor
 from muxd.timers import Timers
 from muxd.udp import bind_udp
 
@@ -49,6 +49,11 @@ RESTART_BACKOFF_FIRST = 0.1
 RESTART_BACKOFF_MAX = 5.0
 HEALTHY_AFTER = 10.0  # a worker that lived this long resets its slot's back-off
 RELOAD_WAIT = 10.0
+# Every worker pings (WATCHDOG=1) every HEARTBEAT seconds, with or without
+# systemd's watchdog; one silent for HEARTBEAT_MISSED seconds is stuck (stopped,
+# hung) and is replaced, so the kernel stops handing it half the connections.
+HEARTBEAT = 1.0
+HEARTBEAT_MISSED = 5.0
 _SERVING = re.compile(r"serving (\d+) connection")
 
 
@@ -60,6 +65,7 @@ class Worker:
     ready: bool = False
     status: str = ""
     last_ping: float = 0.0
+    killed: bool = False
 
 
 @dataclass
@@ -82,6 +88,7 @@ class Supervisor:
         self.stopping = False
         self.announced_ready = False
         self.reloading = False
+        self._reload_after_ready = False
         self.exit_status = 0
         self._now = time.monotonic()
         self._reported_status = ""
@@ -128,6 +135,9 @@ class Supervisor:
         slot = self.slots[index]
         for stream in (logging.getLogger("muxd").handlers or []):
             stream.flush()
+        # Signals stay blocked in the child until its own queue handles them:
+        # until then it would run the supervisor's handlers, or die of SIGHUP.
+        previous_mask = block({*HANDLED, RELAYED_STOP, signal.SIGCHLD})
         pid = os.fork()
         if pid == 0:  # the worker
             status = EX_SOFTWARE
@@ -137,6 +147,7 @@ class Supervisor:
                 logger.exception("worker %d failed", index)
             finally:
                 os._exit(status)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         slot.worker = self.workers[pid] = Worker(index, pid, self._now, last_ping=self._now)
         logger.info("supervisor: worker %d started (pid %d)", index, pid)
 
@@ -147,13 +158,13 @@ class Supervisor:
         # Drop everything of the supervisor's before becoming an ordinary daemon.
         self._signals.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        take_stops_from_supervisor()
         self._inbox.close()
         self._poller.close()
         self.notifier.close()
         os.environ["NOTIFY_SOCKET"] = "@" + self._notify_name[1:]
         os.environ.pop("WATCHDOG_PID", None)
-        if self._watchdog is None:
-            os.environ.pop("WATCHDOG_USEC", None)
+        os.environ["WATCHDOG_USEC"] = str(int(2 * HEARTBEAT * 1e6))  # pings every HEARTBEAT
         setup_logging(self.config.log_level, tag=f"worker {index}")
         if self.inherited is not None:
             listeners, endpoints = self.inherited
@@ -214,6 +225,9 @@ class Supervisor:
             return
         self.reloading = False
         self._report(force_ready=True)
+        if self._reload_after_ready:
+            self._reload_after_ready = False
+            self._reload()
 
     # --- signals ---------------------------------------------------------
 
@@ -223,7 +237,10 @@ class Supervisor:
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self._stop(signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
-            self._reload()
+            if self.announced_ready:
+                self._reload()
+            else:  # reload once every worker is up, as a single process would
+                self._reload_after_ready = True
         elif signum in (signal.SIGUSR1, signal.SIGUSR2):
             self._forward(signum)
 
@@ -236,14 +253,14 @@ class Supervisor:
 
     def _stop(self, signame: str) -> None:
         if self.stopping:
-            self._forward(signal.SIGTERM)  # a second signal: the workers close at once
+            self._forward(RELAYED_STOP)  # a second signal: the workers close at once
             return
         self.stopping = True
         logger.info("supervisor: %s: stopping %d workers", signame, len(self.workers))
         timeout = self.config.shutdown_timeout
         self.notifier.send("STOPPING=1", f"STATUS=stopping ({signame})",
                            f"EXTEND_TIMEOUT_USEC={int((timeout + 5) * 1e6)}")
-        self._forward(signal.SIGTERM)
+        self._forward(RELAYED_STOP)
         self.timers.call_at(self._now + timeout + 3, self._kill_stragglers)
 
     def _kill_stragglers(self) -> None:
@@ -260,9 +277,16 @@ class Supervisor:
             logger.error("reload failed, keeping the running configuration: %s", err)
             self._report(force_ready=True)
             return
-        if new.workers != self.config.workers:
-            logger.warning("reload: workers changed; that takes effect only after a restart")
-            new = replace(new, workers=self.config.workers)
+        old = self.config
+        needs_restart = [name for name in RESTART_ONLY_FIELDS
+                         if getattr(old, name) != getattr(new, name)]
+        if needs_restart:
+            # As the single process does (and each worker will): a restart-only
+            # field keeps its running value everywhere, so a worker replaced
+            # later binds what the others serve.
+            logger.warning("reload: %s changed in %s; that takes effect only after a restart",
+                           ", ".join(needs_restart), new.source)
+            new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
         logger.info("supervisor: reloading %s in every worker (%s)", new.source,
                     ", ".join(changed_fields(self.config, new)) or "nothing changed")
         self.config = new
@@ -323,18 +347,24 @@ class Supervisor:
 
     def _ping_watchdog(self) -> None:
         assert self._watchdog is not None
-        # A worker silent for a whole watchdog period is hung: replace just
-        # that one rather than let systemd restart every worker.
-        deadline = self._now - 2 * self._watchdog
-        for pid, worker in list(self.workers.items()):
-            if worker.ready and worker.last_ping < deadline:
-                logger.error("supervisor: worker %d (pid %d) stopped answering its watchdog; "
-                             "killing it", worker.slot, pid)
-                os.kill(pid, signal.SIGKILL)
         self.notifier.send("WATCHDOG=1")
         self.timers.call_at(self._now + self._watchdog, self._ping_watchdog)
 
+    def _check_heartbeats(self) -> None:
+        # A worker silent this long is hung or stopped (SIGSTOP): replace just
+        # that one, with or without systemd's watchdog, rather than let it keep
+        # its share of the listening port or have systemd restart every worker.
+        deadline = self._now - HEARTBEAT_MISSED
+        for pid, worker in list(self.workers.items()):
+            if worker.ready and worker.last_ping < deadline and not worker.killed:
+                logger.error("supervisor: worker %d (pid %d) sent no heartbeat for %gs; "
+                             "killing it", worker.slot, pid, HEARTBEAT_MISSED)
+                worker.killed = True
+                os.kill(pid, signal.SIGKILL)
+
     def _every_second(self) -> None:
+        if not self.stopping:
+            self._check_heartbeats()
         if self.announced_ready and not self.stopping:
             self._report()
         self.timers.call_at(self._now + 1.0, self._every_second)
@@ -374,15 +404,16 @@ def _die_with_parent(parent: int) -> None:
 
     Under systemd the whole cgroup is killed anyway, but a supervisor killed
     with SIGKILL elsewhere (detached mode, a test) would leave orphaned
-    workers holding the port. PR_SET_PDEATHSIG is Linux's; elsewhere this
-    does nothing."""
+    workers holding the port. The signal is RELAYED_STOP, the one a worker
+    stops on (it ignores SIGTERM). PR_SET_PDEATHSIG is Linux's; elsewhere
+    this does nothing."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, RELAYED_STOP, 0, 0, 0)
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # it died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), RELAYED_STOP)
 
 
 def _describe_exit(wait_status: int) -> str:
