@@ -25,6 +25,7 @@ from muxd.signals import hold_until_handled
 from muxd.udp import UdpEndpoint, bind_udp, inherited_endpoint
 
 EX_USAGE = 64
+EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     hold_until_handled()  # again for the console script, which imports us first
     args = build_parser().parse_args(argv)
+    if args.detach and args.config:
+        # The daemon's working directory is /, and every reload reads this path.
+        args.config = os.path.abspath(args.config)
     setup_logging()
     try:
         config = load_config(args.config)
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", err)
         return err.exit_status
 
-    context = None
+    context = report = None
     if args.detach:
         from muxd.detach import DetachError, detach
 
@@ -95,26 +99,36 @@ def main(argv: list[str] | None = None) -> int:
             *(endpoint.sock for endpoint in sockets[1]),
         ]
         try:
-            context = detach(args.pidfile, [sock.fileno() for sock in held])
+            context, report = detach(args.pidfile, [sock.fileno() for sock in held])
         except DetachError as err:
             logger.error("%s", err)
             return EX_CANTCREAT
 
     # Everything below holds descriptors, so it is created after a detach.
-    notifier = Notifier()
+    if report is not None:
+        from muxd.detach import ReportingNotifier
+
+        notifier: Notifier = ReportingNotifier(report)
+    else:
+        notifier = Notifier()
     hooks = frozenset(filter(None, os.environ.get("MUXD_TEST_HOOKS", "").split(",")))
+    status = EX_SOFTWARE  # unless run() returns: an exception is on its way up
     try:
         if workers:
             from muxd.supervisor import Supervisor
 
-            return Supervisor(config, args.config, sockets, notifier, hooks).run()
+            status = Supervisor(config, args.config, sockets, notifier, hooks).run()
+            return status
         from muxd.loop import EchoServer
 
         listeners, udp_endpoints = sockets
         server = EchoServer(config, args.config, listeners, create_poller(config.backend),
                             notifier, udp_endpoints=udp_endpoints, test_hooks=hooks)
-        return server.run()
+        status = server.run()
+        return status
     finally:
+        if report is not None:
+            report.failed(status)  # nothing once it reported ready
         notifier.close()
         if context is not None:
             context.close()
