@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from muxd.access import AccessPolicy, client_address, client_group
-from muxd.config import Config, ConfigError, changed_fields, load_config
+from muxd.config import RESTART_ONLY_FIELDS, Config, ConfigError, changed_fields, load_config
 from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection
 from muxd.listeners import Listener
 from muxd.logs import RateLimitedLog, set_level
@@ -53,7 +53,6 @@ _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_RETRY_DELAY = 0.1
 LINGER_CHECK = 0.05  # while stopping: how often to look whether a peer has acknowledged all
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp")
 
 
 class Counters:
