@@ -23,6 +23,7 @@ BUILTIN_SOURCE = "<built-in defaults>"
 # (a log, a device, a file being written), and reading it must not cost the memory.
 MAX_CONFIG_BYTES = 1 << 20
 QUOTE_LIMIT = 60  # characters of an offending value quoted in an error line
+MAX_ADDRESSES = 64  # in one listen or udp list
 # Fields a running daemon cannot change (its sockets and processes are made at
 # start): a reload that changes one keeps the running value and says so.
 RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp")
@@ -127,6 +128,9 @@ def parse_addresses(text: str) -> tuple[Address, ...]:
     items = [item.strip() for item in text.split(",")]
     if not any(items):
         raise ValueError(expected)
+    if len(items) > MAX_ADDRESSES:
+        # Each is a socket in every worker, and the overlap check is quadratic.
+        raise ValueError(f"{expected}; at most {MAX_ADDRESSES} addresses ({len(items)} given)")
     addresses: list[Address] = []
     for item in items:
         host, sep, port_text = item.rpartition(":")

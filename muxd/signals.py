@@ -89,6 +89,10 @@ class SignalQueue:
         return taken
 
     def close(self) -> None:
+        # Held again, not restored to a default that kills: a SIGHUP in the
+        # moment between the loop's end and the exit must not turn a clean
+        # stop (status 0) into death by signal.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_AT_START & set(self._previous_handlers))
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         signal.set_wakeup_fd(self._previous_wakeup_fd)

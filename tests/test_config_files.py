@@ -131,3 +131,12 @@ def test_ipv4_mapped_listen_is_the_ipv4_address_and_a_duplicate_is_caught() -> N
         with pytest.raises(ConfigError) as caught:
             parse_config_text(f"[server]\nlisten = {text}\n", "t.ini")
         assert "listed twice" in str(caught.value) or "already covers" in str(caught.value)
+
+
+def test_an_address_list_is_bounded_so_checking_it_is_quick(tmp_path: Path) -> None:
+    many = ", ".join(f"127.0.{n // 250}.{n % 250 + 1}:7" for n in range(60_000))
+    path = tmp_path / "many.ini"
+    path.write_text(f"[server]\nlisten = {many}\n")
+    result = run_muxd("--config", str(path), "--check-config", timeout=10)
+    assert result.returncode == EX_CONFIG
+    assert "at most 64 addresses (60000 given)" in result.stderr

@@ -322,3 +322,21 @@ def test_sighup_and_sigusr1_during_start_up_are_handled_not_fatal(start_muxd, tm
     assert daemon.process.poll() is None
     with connect(port) as sock:
         assert echo_once(sock, b"alive") == b"alive"
+
+
+def test_sighup_while_exiting_after_a_stop_does_not_kill_it(start_muxd) -> None:
+    # From the end of the loop to the exit, the handlers are gone: a SIGHUP
+    # (an operator's reload racing a stop) used to kill the process by
+    # signal instead of letting it exit 0.
+    port = free_port()
+    daemon = start_muxd(server_config(port))
+    daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("STOPPING", "1")
+    sent = 0
+    while daemon.process.poll() is None and sent < 200_000:
+        try:
+            os.kill(daemon.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            break
+        sent += 1
+    assert daemon.wait() == 0
