@@ -141,7 +141,7 @@ def _inherited_sockets() -> tuple[list[Listener], list[UdpEndpoint]] | None:
     if inherited is None:
         return None
     if not inherited:
-        raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)")
+        raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)", EX_CONFIG)
     listeners, endpoints = [], []
     for sock, label in inherited:
         if sock.type == socket.SOCK_DGRAM:

@@ -214,11 +214,14 @@ def _check_overlap(new: Address, existing: list[Address]) -> None:
                 )
 
 
-# Numbers are ASCII decimal digits and nothing else: int() and float() would
-# also take "1_000", "+7", Arabic-Indic or full-width digits, "inf", "nan" and
-# exponents ("1e-400" is 0.0, i.e. "off"), none of which an operator means.
+# Numbers are ASCII decimal digits: int() and float() would also take "1_000",
+# "+7", Arabic-Indic or full-width digits, "inf" and "nan", none of which an
+# operator means. Seconds and rates may have a fraction and an exponent (as
+# Python writes floats), but one that underflows ("1e-400" is 0.0, which means
+# "off") is refused rather than taken as 0.
 _WHOLE = re.compile(r"[0-9]+", re.ASCII)
-_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", re.ASCII)
+_DECIMAL = re.compile(r"(?P<mantissa>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,4})?",
+                      re.ASCII)
 
 
 def _parse_int(text: str, low: int, high: int, expected: str) -> int:
@@ -233,10 +236,11 @@ def _parse_int(text: str, low: int, high: int, expected: str) -> int:
 
 def _parse_decimal(text: str, low: float, high: float, expected: str) -> float:
     text = text.strip()
-    if not _DECIMAL.fullmatch(text):
+    match = _DECIMAL.fullmatch(text)
+    if not match:
         raise ValueError(f"{expected}, written with the digits 0-9 and an optional '.'")
     value = float(text)
-    if value == 0 and text.strip("0.") != "":
+    if value == 0 and match["mantissa"].strip("0.") != "":
         raise ValueError(f"{expected}; {quoted(text)} is too small to tell from 0")
     if not low <= value <= high:
         raise ValueError(expected)
@@ -422,7 +426,7 @@ def _read_config_file(path: str) -> str:
         if size > MAX_CONFIG_BYTES:
             raise refuse(f"it is larger than {MAX_CONFIG_BYTES} bytes, the most a muxd "
                          "configuration may be")
-        return b"".join(chunks).decode("utf-8")
+        return b"".join(chunks).decode("utf-8-sig")  # a BOM is an editor's, not a key's
     except OSError as err:
         raise refuse(err.strerror or str(err)) from None
     except UnicodeDecodeError as err:

@@ -79,8 +79,10 @@ BAD_NUMBERS = [
     ("[limits]\nmax_connections = \uff11\uff10\n", "whole number"),  # full-width 10
     ("[server]\nlisten = 127.0.0.1:+7007\n", "1 to 65535"),
     ("[server]\nbacklog = +5\n", "whole number"),
-    ("[limits]\nidle_timeout = 1e-400\n", "seconds"),
-    ("[limits]\nidle_timeout = 1e3\n", "seconds"),
+    ("[limits]\nidle_timeout = 1e-400\n", "too small to tell from 0"),
+    ("[limits]\nudp_rate = 0.5E-330\n", "too small to tell from 0"),
+    ("[limits]\nidle_timeout = 1e99999\n", "seconds"),
+    ("[limits]\nidle_timeout = 1e\n", "seconds"),
     ("[limits]\nidle_timeout = 0." + "0" * 400 + "1\n", "too small to tell from 0"),
     ("[limits]\nshutdown_timeout = inf\n", "seconds"),
     ("[limits]\nshutdown_timeout = nan\n", "seconds"),
@@ -98,9 +100,10 @@ def test_numbers_are_ascii_decimal_digits_only(text: str, expected: str) -> None
 
 def test_plain_numbers_still_parse() -> None:
     config = parse_config_text("[server]\nbacklog = 0128\n[limits]\nidle_timeout = 2.5\n"
-                               "shutdown_timeout = .5\nudp_rate = 10.\n", "t.ini")
-    assert (config.backlog, config.idle_timeout, config.shutdown_timeout, config.udp_rate) \
-        == (128, 2.5, 0.5, 10.0)
+                               "shutdown_timeout = .5\nudp_rate = 10.\n"
+                               "udp_total_rate = 1e+3\n", "t.ini")
+    assert (config.backlog, config.idle_timeout, config.shutdown_timeout, config.udp_rate,
+            config.udp_total_rate) == (128, 2.5, 0.5, 10.0, 1000.0)
 
 
 @pytest.mark.parametrize("text", [
