@@ -139,9 +139,11 @@ def ensure_rootfs(cache_root: Path, mirror: str, release: str) -> Path:
         if final.is_dir():
             return final
         # Whoever holds the lock is the only builder, so leftovers are from interrupted runs.
-        for stale in cache_root.glob(f".build-{release}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        build = Path(tempfile.mkdtemp(prefix=f".build-{release}-", dir=cache_root))
+        # (Not ".build-*": an older version of this file, which other checkouts on the machine
+        # may still run, takes another lock and removes every ".build-*" it finds.)
+        for stale in cache_root.glob(f".debootstrap-{release}-*"):
+            _remove_build_tree(stale)
+        build = Path(tempfile.mkdtemp(prefix=f".debootstrap-{release}-", dir=cache_root))
         tree = build / "root"
         debootstrap = subprocess.run(
             [
@@ -157,6 +159,7 @@ def ensure_rootfs(cache_root: Path, mirror: str, release: str) -> Path:
             timeout=900,
         )
         if debootstrap.returncode != 0:
+            _unmount_below(tree)
             log = tree / "debootstrap/debootstrap.log"
             details = log.read_text(errors="replace") if log.exists() else debootstrap.stderr
             raise RuntimeError(
@@ -174,6 +177,19 @@ def ensure_rootfs(cache_root: Path, mirror: str, release: str) -> Path:
         os.rename(tree, final)
         shutil.rmtree(build, ignore_errors=True)
     return final
+
+
+def _unmount_below(tree: Path) -> None:
+    """Undo the mounts (proc, sys) a failed or interrupted debootstrap leaves in its target."""
+    prefix = str(tree.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for mountpoint in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "--lazy", mountpoint], check=False, capture_output=True)
+
+
+def _remove_build_tree(build: Path) -> None:
+    _unmount_below(build)
+    shutil.rmtree(build, ignore_errors=True)
 
 
 def export_tree(repo: Path, dest: Path) -> Path:
