@@ -29,6 +29,9 @@ INSIDE = "/src/muxd"
 SCRIPT = """\
 set -e
 python3 --version
+# A new network namespace starts with unprivileged ICMP sockets off ("1 0"); the host, where
+# the suite also runs, allows them (test_activation opens one).
+echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range
 python3 -m venv --system-site-packages /tmp/venv
 /tmp/venv/bin/pip install --quiet --no-index --no-deps --no-build-isolation \\
     --disable-pip-version-check -e .
