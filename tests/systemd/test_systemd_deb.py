@@ -87,14 +87,18 @@ def test_upgrade_keeps_the_edited_conffile_and_restarts_the_service(
     old_pid = deb.main_pid()
     assert old_pid
 
-    # Restarted, not stopped and started: prerm stops the units only on removal, so the
-    # old process serves until postinst restarts it (and a restart keeps systemd's fd store).
+    # Restarted, not stopped and started: neither the old package's prerm nor the new one's
+    # preinst stops a unit on upgrade (only prerm, on removal), so the old process serves
+    # until postinst restarts it (and a restart keeps systemd's fd store).
+    newer = debian_packages.inside(debian_packages.newer_version)
     prerm = deb.path("/var/lib/dpkg/info/muxd.prerm").read_text().splitlines()
-    stops = [n for n, line in enumerate(prerm) if "deb-systemd-invoke stop" in line]
+    preinst = deb.run(["dpkg-deb", "--info", newer, "preinst"], check=False).stdout.splitlines()
+    stops = [(n, script) for script in (prerm, preinst)
+             for n, line in enumerate(script) if "deb-systemd-invoke stop" in line]
     assert stops, prerm
-    assert all('"$1" = remove' in prerm[n - 1] for n in stops), prerm
+    assert all('"$1" = remove' in script[n - 1] for n, script in stops), stops
 
-    output = apt_install(deb, debian_packages.inside(debian_packages.newer_version))
+    output = apt_install(deb, newer)
     assert installed_version(deb) == debian_packages.newer_version, output
     assert deb.path(MUXD_CONFIG).read_text() == edited
     assert not deb.path(f"{MUXD_CONFIG}.dpkg-new").exists()
