@@ -19,15 +19,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from muxd.access import AccessPolicy, client_address, client_group
-from muxd.config import ConfigError, changed_fields, load_config
+from muxd.config import RESTART_ONLY_FIELDS, ConfigError, changed_fields, load_config
 from muxd.logs import set_level
 from muxd.report import status
 from muxd.resources import raise_nofile
 from muxd.state import Shared
 
 logger = logging.getLogger("muxd")
-
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp")
 
 
 class Reload:

@@ -337,3 +337,46 @@ def test_log_connections_names_peer_and_bytes(start_muxd) -> None:
     wait_until(lambda: "disconnect" in daemon.log, what="disconnect line")
     assert f"connect 127.0.0.1:{local_port}" in daemon.log
     assert f"disconnect 127.0.0.1:{local_port} (eof): 5 bytes in, 5 echoed" in daemon.log
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_and_sigusr1_during_start_up_are_handled_not_fatal(start_muxd, tmp_path,
+                                                                  workers) -> None:
+    # An operator's script may reload or ask for counters the moment it has
+    # started muxd. `python -v` reports each import as it happens, so the
+    # signals can be sent while muxd is still importing its own modules, the
+    # window in which their default action used to kill it.
+    port = free_port()
+    config = tmp_path / "early.ini"
+    config.write_text(server_config(port).replace("[limits]", f"workers = {workers}\n[limits]"))
+    daemon = start_muxd(None, ready=False, command=[sys.executable, "-v", "-m", "muxd",
+                                                     "--config", str(config)])
+    cli_import = re.compile(r"muxd/(__pycache__/)?cli[.]")
+    wait_until(lambda: cli_import.search(daemon.log), what="muxd importing its CLI")
+    daemon.signal(signal.SIGHUP)
+    daemon.signal(signal.SIGUSR1)
+    daemon.wait_ready()
+    daemon.wait_log("counters:")
+    daemon.notify.wait_for("RELOADING", "1")
+    daemon.notify.wait_for("READY", "1")
+    assert daemon.process.poll() is None
+    with connect(port) as sock:
+        assert echo_once(sock, b"alive") == b"alive"
+
+
+def test_sighup_while_exiting_after_a_stop_does_not_kill_it(start_muxd) -> None:
+    # From the end of the loop to the exit, the handlers are gone: a SIGHUP
+    # (an operator's reload racing a stop) used to kill the process by
+    # signal instead of letting it exit 0.
+    port = free_port()
+    daemon = start_muxd(server_config(port))
+    daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("STOPPING", "1")
+    sent = 0
+    while daemon.process.poll() is None and sent < 200_000:
+        try:
+            os.kill(daemon.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            break
+        sent += 1
+    assert daemon.wait() == 0
