@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from daemon_harness import (
     echo_once,
     free_port,
     push_until_stalled,
+    read_counters,
     recv_exactly,
     sees_connection_end,
     server_config,
@@ -84,6 +86,29 @@ def test_shutdown_flushes_pending_echo_to_a_slow_reader(start_muxd) -> None:
     assert bytes(received) == payload[:len(received)]
     assert daemon.wait() == 0
     slow.close()
+
+
+def test_sighup_while_draining_sends_nothing_after_stopping(start_muxd) -> None:
+    # STOPPING=1 is final: a RELOADING=1 / READY=1 after it would tell systemd the
+    # service is up again while it drains to exit (issue 9, item 11).
+    port = free_port()
+    daemon = start_muxd(server_config(port, shutdown_timeout=20))
+    slow = connect_slow_reader(port)
+    push_until_stalled(slow, os.urandom(1 << 20))
+    daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("EXTEND_TIMEOUT_USEC")  # draining: echo still owed
+    daemon.signal(signal.SIGHUP)
+    read_counters(daemon)  # SIGUSR1 is handled after the SIGHUP sent before it
+    while slow.recv(1 << 20):  # now read, so the drain can finish
+        pass
+    assert daemon.wait() == 0
+    slow.close()
+    with contextlib.suppress(AssertionError):
+        daemon.notify.wait_for("READY", timeout=0.3)  # collect whatever was sent
+    after_stop = daemon.notify.messages[
+        next(i for i, m in enumerate(daemon.notify.messages) if "STOPPING" in m):]
+    assert not [m for m in after_stop if "RELOADING" in m or "READY" in m], after_stop
+    assert "SIGHUP while stopping: not reloading" in daemon.log
 
 
 def test_shutdown_timeout_closes_a_reader_that_never_reads(start_muxd) -> None:
@@ -230,6 +255,21 @@ def test_no_watchdog_pings_without_watchdog_usec_and_hook_is_off(start_muxd) -> 
     daemon.signal(signal.SIGUSR2)  # the hang hook is off: still serving
     with connect(port) as sock:
         assert echo_once(sock, b"up") == b"up"
+
+
+@pytest.mark.parametrize("usec", ["0", "-400000"])
+def test_a_zero_or_negative_watchdog_usec_means_no_watchdog(start_muxd, usec) -> None:
+    # sd_watchdog_enabled(3): not a positive number, no watchdog. A ping every 0 s
+    # would be a timer due at once, for ever: the loop would never serve again.
+    port = free_port()
+    daemon = start_muxd(server_config(port), env={"WATCHDOG_USEC": usec})
+    with connect(port, timeout=2) as sock:
+        assert echo_once(sock, b"up") == b"up"
+    assert not [m for m in daemon.notify.messages if "WATCHDOG" in m]
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=5) == 0
+    assert time.monotonic() - started < 2, "SIGTERM took too long to be handled"
 
 
 def test_socket_activation_uses_the_inherited_listener(start_muxd, tmp_path) -> None:
