@@ -193,7 +193,11 @@ class Supervisor:
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self._stop(signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
-            if self.announced_ready:
+            if self.stopping:
+                # STOPPING=1 is final: RELOADING=1/READY=1 now would tell systemd
+                # the service is up again while it drains to exit.
+                logger.info("supervisor: SIGHUP while stopping: not reloading")
+            elif self.announced_ready:
                 self._reload()
             else:  # reload once every worker is up, as a single process would
                 self._reload_after_ready = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -297,3 +298,23 @@ def test_a_stopped_worker_is_replaced_without_a_watchdog(start_muxd) -> None:
                what="20 new clients in a row served after a worker was stopped")
     assert f"(pid {victim}) sent no heartbeat" in daemon.log
     assert f"(pid {victim}) was killed by SIGKILL" in daemon.log
+
+
+def test_sighup_while_workers_drain_sends_nothing_after_stopping(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(workers_config(port, 2, shutdown_timeout=20))
+    slow = connect_slow_reader(port)
+    push_until_stalled(slow, os.urandom(1 << 20))
+    daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("STOPPING", "1")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("SIGHUP while stopping")
+    while slow.recv(1 << 20):  # now read, so the drain can finish
+        pass
+    assert daemon.wait() == 0
+    slow.close()
+    with contextlib.suppress(AssertionError):
+        daemon.notify.wait_for("READY", timeout=0.3)  # collect whatever was sent
+    after_stop = daemon.notify.messages[
+        next(i for i, m in enumerate(daemon.notify.messages) if "STOPPING" in m):]
+    assert not [m for m in after_stop if "RELOADING" in m or "READY" in m], after_stop
