@@ -314,9 +314,11 @@ class Supervisor:
         # A worker silent this long is hung or stopped (SIGSTOP): replace just
         # that one, with or without systemd's watchdog, rather than let it keep
         # its share of the listening port or have systemd restart every worker.
+        # From its spawn on (last_ping starts there): one stuck before READY=1
+        # would otherwise hold the whole start, and `--detach` waiting for it.
         deadline = self._now - HEARTBEAT_MISSED
         for pid, worker in list(self.workers.items()):
-            if worker.ready and worker.last_ping < deadline and not worker.killed:
+            if worker.last_ping < deadline and not worker.killed:
                 logger.error("supervisor: worker %d (pid %d) sent no heartbeat for %gs; "
                              "killing it", worker.slot, pid, HEARTBEAT_MISSED)
                 worker.killed = True

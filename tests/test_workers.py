@@ -294,10 +294,20 @@ def test_a_stopped_worker_is_replaced_without_a_watchdog(start_muxd) -> None:
         served_in_a_row = served_in_a_row + 1 if served else 0
         return served_in_a_row >= 20
 
-    wait_until(new_clients_served, timeout=20, interval=0,
-               what="20 new clients in a row served after a worker was stopped")
+    try:
+        wait_until(new_clients_served, timeout=20, interval=0,
+                   what="20 new clients in a row served after a worker was stopped")
+    finally:
+        _kill_if_left(victim)
     assert f"(pid {victim}) sent no heartbeat" in daemon.log
     assert f"(pid {victim}) was killed by SIGKILL" in daemon.log
+
+
+def _kill_if_left(pid: int) -> None:
+    """A stopped worker the daemon failed to replace outlives it (a stopped
+    process ignores its parent-death SIGTERM): the test ends it by PID."""
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_sighup_while_workers_drain_sends_nothing_after_stopping(start_muxd) -> None:
@@ -318,3 +328,19 @@ def test_sighup_while_workers_drain_sends_nothing_after_stopping(start_muxd) -> 
     after_stop = daemon.notify.messages[
         next(i for i, m in enumerate(daemon.notify.messages) if "STOPPING" in m):]
     assert not [m for m in after_stop if "RELOADING" in m or "READY" in m], after_stop
+
+
+def test_a_worker_stopped_before_it_is_ready_does_not_hold_the_start(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(workers_config(port, 2), ready=False)
+    first = wait_until(lambda: sorted(children(daemon.pid))[:1], interval=0.001,
+                       what="the first worker")[0]
+    os.kill(first, signal.SIGSTOP)  # within a millisecond of its fork: before READY=1
+    try:
+        daemon.wait_ready(timeout=20)
+    finally:
+        _kill_if_left(first)
+    assert f"(pid {first}) sent no heartbeat" in daemon.log
+    for _ in range(10):
+        with connect(port, timeout=5) as sock:
+            assert echo_once(sock, b"started") == b"started"
