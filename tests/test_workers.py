@@ -306,7 +306,11 @@ def test_a_stopped_worker_is_replaced_without_a_watchdog(start_muxd) -> None:
 def _kill_if_left(pid: int) -> None:
     """A stopped worker the daemon failed to replace outlives it (a stopped
     process ignores its parent-death SIGTERM): the test ends it by PID."""
-    if _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return
+    if state == "T":  # still the stopped worker, not a reused PID
         os.kill(pid, signal.SIGKILL)
 
 
