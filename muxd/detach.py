@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import sys
 
 import daemon
@@ -96,16 +97,22 @@ class ReportingNotifier(Notifier):
 def _reclaim_stale_pidfile(path: str) -> None:
     """Remove a pidfile left by a process that no longer runs; refuse a live one."""
     try:
-        with open(path) as file:
-            text = file.read().strip()
+        # O_NONBLOCK and a regular file only: a FIFO would block the open, a
+        # device (/dev/zero) would never end; a PID is a few bytes.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         return
     except OSError as err:
         raise DetachError(f"cannot read pidfile {path}: {err.strerror}") from None
     try:
-        pid = int(text)
-    except ValueError:
-        pid = None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DetachError(f"pidfile {path} is not a regular file")
+        text = os.read(fd, 64).decode(errors="replace").strip()
+    except OSError as err:
+        raise DetachError(f"cannot read pidfile {path}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    pid = int(text) if text.isascii() and text.isdigit() and len(text) <= 10 else None
     if pid is not None and pid > 0:
         try:
             os.kill(pid, 0)
