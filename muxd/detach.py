@@ -35,6 +35,7 @@ from muxd.notify import Notifier
 
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
+EX_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
 _READY = b"ready\n"
 
 logger = logging.getLogger("muxd")
@@ -174,10 +175,15 @@ def detach(pidfile: str | None, keep_fds: list[int]) -> tuple[daemon.DaemonConte
 
 def _await_start(read_end: int, first_child: int) -> int:
     """In the command: the daemon's exit status, 0 once it is ready."""
-    os.waitpid(first_child, 0)
     message = bytearray()
-    while chunk := os.read(read_end, 64):
-        message += chunk
+    try:
+        os.waitpid(first_child, 0)
+        while chunk := os.read(read_end, 64):
+            message += chunk
+    except KeyboardInterrupt:
+        print("muxd: --detach: interrupted while waiting for the daemon, which may still be "
+              "starting", file=sys.stderr)
+        return EX_INTERRUPTED
     os.close(read_end)
     if message == _READY:
         return 0
