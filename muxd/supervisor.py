@@ -132,7 +132,16 @@ class Supervisor:
         # Signals stay blocked in the child until its own queue handles them:
         # until then it would run the supervisor's handlers, or die of SIGHUP.
         previous_mask = block({*HANDLED, RELAYED_STOP, signal.SIGCHLD})
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:  # out of processes or memory: try again later
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** slot.failures)
+            slot.failures += 1
+            logger.error("supervisor: cannot fork worker %d: %s; trying again in %gs",
+                         index, err.strerror or err, delay)
+            self.timers.call_at(self._now + delay, lambda: self._respawn(index))
+            return
         if pid == 0:  # the worker; never returns
             run_worker(index, self.config, self.config_path, self.inherited,
                        supervisor_pid=self._supervisor_pid, notify_address=self._inbox.address,

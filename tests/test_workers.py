@@ -348,3 +348,48 @@ def test_a_worker_stopped_before_it_is_ready_does_not_hold_the_start(start_muxd)
     for _ in range(10):
         with connect(port, timeout=5) as sock:
             assert echo_once(sock, b"started") == b"started"
+
+
+def _pids_cgroup(name: str) -> Path | None:
+    """A new cgroup with the pids controller (v2 or v1), or None where none can be made."""
+    for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/pids")):
+        controllers = root / "cgroup.controllers"
+        if root.name != "pids" and not (controllers.exists()
+                                        and "pids" in controllers.read_text().split()):
+            continue
+        try:
+            group = root / name
+            group.mkdir()
+        except OSError:
+            continue
+        if (group / "pids.max").exists():
+            return group
+        group.rmdir()
+    return None
+
+
+def test_a_worker_that_cannot_be_forked_is_tried_again(start_muxd) -> None:
+    group = _pids_cgroup(f"muxd-test-{os.getpid()}-{free_port()}")
+    if group is None:
+        pytest.skip("no pids cgroup can be made here")
+    try:
+        (group / "pids.max").write_text("2\n")  # the supervisor and one worker
+
+        def join_group() -> None:
+            (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
+        port = free_port()
+        daemon = start_muxd(workers_config(port, 2), ready=False, preexec=join_group)
+        daemon.wait_log("cannot fork worker 1")
+        assert daemon.process.poll() is None, "a failed fork must not end the supervisor"
+        (group / "pids.max").write_text("max\n")
+        daemon.wait_ready(timeout=15)
+        with connect(port) as sock:
+            assert echo_once(sock, b"both") == b"both"
+        daemon.stop()
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            _kill_if_left(int(pid))
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(),
+                   what="the test's cgroup to empty")
+        group.rmdir()
