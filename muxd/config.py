@@ -92,6 +92,7 @@ class Config:
     udp_total_rate: float = 10000.0
     allow: tuple[IPNetwork, ...] = ()
     deny: tuple[IPNetwork, ...] = ()
+    metrics_listen: tuple[Address, ...] = ()
     source: str = BUILTIN_SOURCE
 
 
@@ -270,6 +271,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("access", "deny"): ("deny", parse_networks),
     ("logging", "level"): ("log_level", _choice("debug", "info", "warning", "error")),
     ("logging", "connections"): ("log_connections", _boolean),
+    ("metrics", "listen"): ("metrics_listen", parse_optional_addresses),
 }
 SECTIONS = tuple(dict.fromkeys(section for section, _ in SCHEMA))
 
