@@ -3,13 +3,17 @@ that owns it (the event loop, or the supervisor's), with no thread.
 
 This module owns the metrics listening sockets and its scrapers'
 connections, and touches nothing else: it registers, modifies and
-unregisters *its own* descriptors in the poller it is given, reads the
-access policy through the getter it is given, and asks ``collect`` for the
-exposition text. The loop that hosts it only hands it the events of its
-descriptors (``fds``), calls ``accept_ready`` after a batch whose events
-said a listener is ready (so no descriptor is created mid-batch: see
-loop.py), calls ``tick`` from a timer (at least once a second), and
-``close`` when it stops.
+unregisters *its own* descriptors in the poller it is given, schedules its
+own timers on the timers it is given, reads the access policy through the
+getter it is given, and asks ``collect`` for the exposition text. The loop
+that hosts it only hands it the events of its descriptors (``fds``, through
+``on_event``) and calls ``close`` when it stops.
+
+A listener's readiness is not acted on in the middle of a batch of events:
+accepting is deferred to a timer due at once, which the loop runs after the
+batch, so no descriptor is created while a batch is dispatched (loop.py says
+why that matters). While it has scrapers, a timer every ``TICK`` seconds
+closes those past their deadline.
 
 HTTP is parsed by h11 (bring-your-own-I/O: it only turns bytes into events
 and back, so it fits a non-blocking loop, and it is packaged by Debian),
@@ -42,7 +46,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-import time
 from collections.abc import Callable
 
 import h11
@@ -50,6 +53,7 @@ import h11
 from muxd.access import AccessPolicy, client_address
 from muxd.metrics import CONTENT_TYPE
 from muxd.pollers import READ, WRITE, FdOutOfRange, Poller
+from muxd.timers import Timer, Timers
 
 logger = logging.getLogger("muxd")
 
@@ -58,6 +62,7 @@ REQUEST_TIMEOUT = 3.0
 MAX_REQUEST_BYTES = 8192
 READ_SIZE = 4096
 MAX_DISCARD_READS = 16
+TICK = 0.25
 _SCRATCH = bytearray(65536)  # dropped input lands here; the loop is single-threaded
 
 _READING, _WAITING, _WRITING, _DRAINING = range(4)
@@ -80,10 +85,15 @@ class _Scraper:
 
 
 class MetricsEndpoint:
-    def __init__(self, sockets: list[socket.socket], poller: Poller,
-                 collect: Callable[[Reply], None],
+    def __init__(self, sockets: list[socket.socket], poller: Poller, timers: Timers,
+                 clock: Callable[[], float], collect: Callable[[Reply], None],
                  access: Callable[[], AccessPolicy]) -> None:
+        """``clock`` is the host loop's monotonic reading for the current turn."""
         self.poller = poller
+        self._timers = timers
+        self._clock = clock
+        self._accept_timer: Timer | None = None
+        self._tick_timer: Timer | None = None
         self._collect = collect
         self._access = access
         self._listeners = {sock.fileno(): sock for sock in sockets}
@@ -105,36 +115,40 @@ class MetricsEndpoint:
 
     # --- what the host loop calls -----------------------------------------
 
-    def on_event(self, fd: int, event: int) -> bool:
-        """Handle an event for one of ``fds``; True when it is a listener's, and
-        ``accept_ready`` should be called once the batch is dispatched."""
+    def on_event(self, fd: int) -> None:
+        """Readiness of one of ``fds``. The event's bits are not needed: each
+        state does the one thing it can (read, send, drop input), and a
+        spurious or stale event only meets EAGAIN."""
         listener = self._listeners.get(fd)
         if listener is not None:
             if listener not in self._ready:
                 self._ready.append(listener)
-            return True
+            if self._accept_timer is None:
+                self._accept_timer = self._timers.call_at(self._clock(), self._accept_ready)
+            return
         scraper = self._scrapers.get(fd)
         if scraper is None:
-            return False  # stale: closed earlier in this batch
-        poller = self.poller
-        if event & poller.writable_mask and scraper.state == _WRITING:
+            return  # stale: closed earlier in this batch
+        if scraper.state == _READING:
+            self._read_request(scraper)
+        elif scraper.state == _WRITING:
             self._send(scraper)
-        elif event & poller.readable_mask:
-            if scraper.state == _READING:
-                self._read_request(scraper)
-            elif scraper.state == _DRAINING:
-                self._drain(scraper)
-        return False
+        elif scraper.state == _DRAINING:
+            self._drain(scraper)
 
-    def accept_ready(self) -> None:
+    def _accept_ready(self) -> None:
+        self._accept_timer = None
         ready, self._ready = self._ready, []
         for listener in ready:
             if listener.fileno() in self._listeners:
                 self._accept(listener)
+        if (self._scrapers or self._paused) and self._tick_timer is None:
+            self._tick_timer = self._timers.call_at(self._clock() + TICK, self._tick)
 
-    def tick(self, now: float | None = None) -> None:
+    def _tick(self) -> None:
         """Close scrapers past their deadline; resume paused listeners."""
-        now = time.monotonic() if now is None else now
+        self._tick_timer = None
+        now = self._clock()
         for scraper in [s for s in self._scrapers.values() if s.deadline <= now]:
             if scraper.state != _DRAINING:
                 self.refused["timeout"] += 1
@@ -145,8 +159,13 @@ class MetricsEndpoint:
                 # Registering again makes epoll re-check readiness: a queue
                 # that filled meanwhile is seen without a new edge.
                 self.poller.register(listener.fileno(), READ)
+        if self._scrapers or self._paused:
+            self._tick_timer = self._timers.call_at(now + TICK, self._tick)
 
     def close(self) -> None:
+        for timer in (self._accept_timer, self._tick_timer):
+            if timer is not None:
+                timer.cancel()
         for scraper in list(self._scrapers.values()):
             self._close(scraper)
         for fd, listener in list(self._listeners.items()):
@@ -164,7 +183,7 @@ class MetricsEndpoint:
     # --- accepting ----------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
-        deadline = time.monotonic() + REQUEST_TIMEOUT
+        deadline = self._clock() + REQUEST_TIMEOUT
         while True:
             try:
                 sock, peer = listener.accept()
