@@ -24,6 +24,9 @@ and which never calls the loop back except through what it was handed:
 * ``reload.py``: apply a new configuration (SIGHUP);
 * ``housekeeping.py``: the idle sweep and log flushing;
 * ``report.py``: counters, STATUS=, READY=1, WATCHDOG=1, descriptions;
+* ``figures.py``: the metrics endpoint (or a worker's line to its
+  supervisor), and the figures it gathers from the shared state at scrape
+  time; the loop hands it the events of its descriptors;
 * ``state.py``: what they all share (connection table, poller, timers,
   counters) and ``Shared.close``, the one way a connection ends.
 """
@@ -33,12 +36,14 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import socket
 import time
 from collections.abc import Sequence
 
 from muxd.admission import Admission
 from muxd.config import Config
 from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection
+from muxd.figures import MetricsRoom
 from muxd.housekeeping import Housekeeping
 from muxd.listeners import Listener
 from muxd.notify import Notifier, watchdog_interval
@@ -63,6 +68,8 @@ class EchoServer:
         notifier: Notifier,
         udp_endpoints: Sequence[UdpEndpoint] = (),
         test_hooks: frozenset[str] = frozenset(),
+        metrics_sockets: Sequence[socket.socket] = (),
+        metrics_channel: socket.socket | None = None,
     ) -> None:
         self.shared = shared = Shared(config, config_path, listeners, udp_endpoints, poller,
                                       notifier, time.monotonic())
@@ -81,6 +88,7 @@ class EchoServer:
         self.housekeeping = Housekeeping(
             shared, self.reporter, (self.admission.flush_logs, shared.udp_guard.flush_log))
         self.reload = Reload(shared, self.housekeeping.schedule)
+        self.metrics = MetricsRoom(shared, self.reload, metrics_sockets, metrics_channel)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -90,6 +98,7 @@ class EchoServer:
         for fd in [*shared.listeners, *shared.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
+        self.metrics.start()
         self.housekeeping.schedule()
         interval = watchdog_interval()
         if interval is not None:
@@ -250,6 +259,8 @@ class EchoServer:
             self._udp_event(shared.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
+        elif self.metrics.owns(fd):
+            self.metrics.on_event(fd)
         # else: a stale event for a connection closed earlier in this batch
 
     def _udp_event(self, endpoint: UdpEndpoint) -> None:
@@ -265,6 +276,7 @@ class EchoServer:
 
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
+            self.metrics.close()
             self.stopper.begin(signal.Signals(signum).name)
             self._retry.clear()
         elif signum == signal.SIGHUP:
@@ -280,6 +292,7 @@ class EchoServer:
 
     def _close_everything(self) -> None:
         shared = self.shared
+        self.metrics.close()
         shared.close_all()
         for listener in list(shared.listeners.values()):
             shared.close_listener(listener)

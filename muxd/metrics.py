@@ -108,6 +108,8 @@ def read_process(pid: int | str = "self") -> ProcessFigures | None:
         with open(f"/proc/{pid}/stat", "rb") as file:
             stat = file.read().rsplit(b")", 1)[1].split()
         open_fds = len(os.listdir(f"/proc/{pid}/fd"))
+        if pid == "self" or pid == os.getpid():
+            open_fds -= 1  # the descriptor listdir itself held open
         max_fds = 0
         with open(f"/proc/{pid}/limits", encoding="ascii") as file:
             for line in file:

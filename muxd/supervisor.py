@@ -70,7 +70,8 @@ class Slot:
 
 class Supervisor:
     def __init__(self, config: Config, config_path: str | None, inherited: tuple | None,
-                 notifier: Notifier, test_hooks: frozenset[str]) -> None:
+                 notifier: Notifier, test_hooks: frozenset[str],
+                 metrics_sockets: list[socket.socket] | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.inherited = inherited  # (listeners, udp endpoints) from socket activation
