@@ -139,12 +139,13 @@ class MetricsRoom:
         reply(render(service, [(None, gather(self.shared))], [(None, read_process())]).encode())
 
     def _answer_supervisor(self) -> None:
-        """Each request on the channel (one byte) gets one answer: the figures as JSON."""
+        """Each request on the channel (its number) gets one answer: the same
+        number and the figures, as JSON."""
         channel = self._channel
         assert channel is not None
         while True:
             try:
-                request = channel.recv(16)
+                request = channel.recv(32)
             except BlockingIOError:
                 return
             except OSError:
@@ -153,7 +154,12 @@ class MetricsRoom:
                 self.close()
                 return
             try:
-                channel.send(json.dumps(gather(self.shared).to_json()).encode())
+                number = int(request)
+            except ValueError:
+                continue
+            answer = {"request": number, "figures": gather(self.shared).to_json()}
+            try:
+                channel.send(json.dumps(answer).encode())
             except BlockingIOError:
                 pass  # the supervisor is not reading: it gathers without us
             except OSError:

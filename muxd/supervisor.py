@@ -32,11 +32,13 @@ import struct
 import time
 from dataclasses import dataclass, replace
 
+from muxd.access import AccessPolicy
 from muxd.config import Config, ConfigError, changed_fields, load_config
 from muxd.listeners import ListenerError, bind_listeners
 from muxd.logs import set_level, setup_logging
 from muxd.notify import Notifier, watchdog_interval
 from muxd.pollers import READ, available_backends, create_poller
+from muxd.service_metrics import ServiceMetrics
 from muxd.signals import HANDLED, SignalQueue
 from muxd.timers import Timers
 from muxd.udp import bind_udp
@@ -95,12 +97,18 @@ class Supervisor:
         self._inbox.setblocking(False)
         self._signals = SignalQueue((*HANDLED, signal.SIGCHLD))
         self._poller = create_poller("poll")
+        # [metrics] listen: one endpoint for the service (service_metrics.py).
+        self.metrics = ServiceMetrics(
+            metrics_sockets, self._poller, self.timers, lambda: self._now,
+            lambda: AccessPolicy.from_config(self.config)) if metrics_sockets else None
 
     # --- lifecycle -------------------------------------------------------
 
     def run(self) -> int:
         self._poller.register(self._inbox.fileno(), READ)
         self._poller.register(self._signals.fd, READ)
+        if self.metrics is not None:
+            self.metrics.start()
         logger.info("supervisor: starting %d workers", len(self.slots))
         for index in range(len(self.slots)):
             self._spawn(index)
@@ -114,11 +122,15 @@ class Supervisor:
                 for fd, _ in events:
                     if fd == self._inbox.fileno():
                         self._read_notifications()
+                    elif self.metrics is not None and self.metrics.owns(fd):
+                        self.metrics.on_event(fd)
                     else:
                         for signum in self._signals.take():
                             self._on_signal(signum)
                 self.timers.run_due(self._now)
         finally:
+            if self.metrics is not None:
+                self.metrics.close()
             self._signals.close()
             self._inbox.close()
             self._poller.close()
@@ -129,19 +141,22 @@ class Supervisor:
         slot = self.slots[index]
         for stream in (logging.getLogger("muxd").handlers or []):
             stream.flush()
+        channel = self.metrics.channel_for(index) if self.metrics is not None else None
         pid = os.fork()
         if pid == 0:  # the worker
             status = EX_SOFTWARE
             try:
-                status = self._worker_main(index)
+                status = self._worker_main(index, channel)
             except BaseException:
                 logger.exception("worker %d failed", index)
             finally:
                 os._exit(status)
         slot.worker = self.workers[pid] = Worker(index, pid, self._now, last_ping=self._now)
+        if self.metrics is not None:
+            self.metrics.worker_started(index, pid)
         logger.info("supervisor: worker %d started (pid %d)", index, pid)
 
-    def _worker_main(self, index: int) -> int:
+    def _worker_main(self, index: int, metrics_channel: socket.socket | None) -> int:
         from muxd.loop import EchoServer
 
         _die_with_parent(self._supervisor_pid)
@@ -150,6 +165,8 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._inbox.close()
         self._poller.close()
+        if self.metrics is not None:
+            self.metrics.in_worker(index)
         self.notifier.close()
         os.environ["NOTIFY_SOCKET"] = "@" + self._notify_name[1:]
         os.environ.pop("WATCHDOG_PID", None)
@@ -168,7 +185,8 @@ class Supervisor:
                 return err.exit_status
         server = EchoServer(self.config, self.config_path, listeners,
                             create_poller(self.config.backend), Notifier(),
-                            udp_endpoints=endpoints, test_hooks=self.test_hooks)
+                            udp_endpoints=endpoints, test_hooks=self.test_hooks,
+                            metrics_channel=metrics_channel)
         return server.run()
 
     # --- what workers say ------------------------------------------------
@@ -259,6 +277,8 @@ class Supervisor:
             new = load_config(self.config_path)
         except ConfigError as err:
             logger.error("reload failed, keeping the running configuration: %s", err)
+            if self.metrics is not None:
+                self.metrics.reload_failed()
             self._report(force_ready=True)
             return
         if new.workers != self.config.workers:
@@ -267,6 +287,8 @@ class Supervisor:
         logger.info("supervisor: reloading %s in every worker (%s)", new.source,
                     ", ".join(changed_fields(self.config, new)) or "nothing changed")
         self.config = new
+        if self.metrics is not None:
+            self.metrics.reload_succeeded()
         set_level(new.log_level)
         self.reloading = True
         for worker in self.workers.values():
@@ -294,6 +316,8 @@ class Supervisor:
                 continue
             slot = self.slots[worker.slot]
             slot.worker = None
+            if self.metrics is not None:
+                self.metrics.worker_gone(worker.slot)
             how = _describe_exit(wait_status)
             if self.stopping:
                 logger.info("supervisor: worker %d (pid %d) %s", worker.slot, pid, how)
