@@ -43,7 +43,6 @@ from collections.abc import Sequence
 from muxd.admission import Admission
 from muxd.config import Config
 from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection
-from muxd.figures import MetricsRoom
 from muxd.housekeeping import Housekeeping
 from muxd.listeners import Listener
 from muxd.notify import Notifier, watchdog_interval
@@ -88,7 +87,13 @@ class EchoServer:
         self.housekeeping = Housekeeping(
             shared, self.reporter, (self.admission.flush_logs, shared.udp_guard.flush_log))
         self.reload = Reload(shared, self.housekeeping.schedule)
-        self.metrics = MetricsRoom(shared, self.reload, metrics_sockets, metrics_channel)
+        self.metrics = None
+        if metrics_sockets or metrics_channel is not None:
+            # Imported only here: a daemon that serves no metrics never loads
+            # h11 and the exposition code, nor spends its start-up on them.
+            from muxd.figures import MetricsRoom
+
+            self.metrics = MetricsRoom(shared, self.reload, metrics_sockets, metrics_channel)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -98,7 +103,8 @@ class EchoServer:
         for fd in [*shared.listeners, *shared.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
-        self.metrics.start()
+        if self.metrics is not None:
+            self.metrics.start()
         self.housekeeping.schedule()
         interval = watchdog_interval()
         if interval is not None:
@@ -259,7 +265,7 @@ class EchoServer:
             self._udp_event(shared.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
-        elif self.metrics.owns(fd):
+        elif self.metrics is not None and self.metrics.owns(fd):
             self.metrics.on_event(fd)
         # else: a stale event for a connection closed earlier in this batch
 
@@ -276,7 +282,8 @@ class EchoServer:
 
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
             self.stopper.begin(signal.Signals(signum).name)
             self._retry.clear()
         elif signum == signal.SIGHUP:
@@ -292,7 +299,8 @@ class EchoServer:
 
     def _close_everything(self) -> None:
         shared = self.shared
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         shared.close_all()
         for listener in list(shared.listeners.values()):
             shared.close_listener(listener)

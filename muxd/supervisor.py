@@ -38,7 +38,6 @@ from muxd.listeners import ListenerError, bind_listeners
 from muxd.logs import set_level, setup_logging
 from muxd.notify import Notifier, watchdog_interval
 from muxd.pollers import READ, available_backends, create_poller
-from muxd.service_metrics import ServiceMetrics
 from muxd.signals import HANDLED, SignalQueue
 from muxd.timers import Timers
 from muxd.udp import bind_udp
@@ -97,10 +96,13 @@ class Supervisor:
         self._inbox.setblocking(False)
         self._signals = SignalQueue((*HANDLED, signal.SIGCHLD))
         self._poller = create_poller("poll")
-        # [metrics] listen: one endpoint for the service (service_metrics.py).
-        self.metrics = ServiceMetrics(
-            metrics_sockets, self._poller, self.timers, lambda: self._now,
-            lambda: AccessPolicy.from_config(self.config)) if metrics_sockets else None
+        self.metrics = None
+        if metrics_sockets:  # [metrics] listen: one endpoint for the service
+            from muxd.service_metrics import ServiceMetrics  # h11 only when it serves
+
+            self.metrics = ServiceMetrics(metrics_sockets, self._poller, self.timers,
+                                          lambda: self._now,
+                                          lambda: AccessPolicy.from_config(self.config))
 
     # --- lifecycle -------------------------------------------------------
 
