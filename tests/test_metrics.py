@@ -42,6 +42,7 @@ from metrics_harness import (
 )
 
 import muxd
+from muxd.metrics import Figures, ListenerFigures, ServiceFigures, render
 from muxd.metrics_http import MAX_SCRAPERS, REQUEST_TIMEOUT
 
 needs_prometheus = pytest.mark.skipif(
@@ -114,6 +115,18 @@ def test_promtool_accepts_the_exposition(start_muxd) -> None:
     assert "process_resident_memory_bytes" in body and "muxd_udp_datagrams_dropped_total" in body
 
 
+@needs_prometheus
+def test_label_values_are_escaped(tmp_path: Path) -> None:
+    # A listener is named by its address, but an inherited socket's name
+    # comes from LISTEN_FDNAMES: any text must come out as a valid label.
+    figures = Figures(listeners={'odd "name" \\ with\nnewline': ListenerFigures(accepted=1)})
+    text = render(ServiceFigures(version="1"), [(None, figures)], [])
+    checked = promtool_check(text)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert ('muxd_connections_accepted_total{listener="odd \\"name\\" \\\\ with\\nnewline"} 1'
+            in text.splitlines())
+
+
 def _connect_from(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(DEFAULT_TIMEOUT)
@@ -159,6 +172,12 @@ def test_prometheus_reads_exactly_the_traffic_made(start_muxd, tmp_path: Path) -
                 assert sees_connection_end(refused)
         for client in held:
             client.close()
+        # One stays open through the scrape: live connections' bytes count too
+        # (once muxd has seen the 3 go, or the limit would refuse it).
+        wait_settled(metrics_port, lambda samples: total(samples, "muxd_connections_open") == 0)
+        kept = connect(port)
+        assert echo_once(kept, b"k" * 777) == b"k" * 777
+        sent += 777
         # UDP: 4 echoed from 127.0.0.1, 3 dropped from 127.0.0.2 (denied).
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.settimeout(DEFAULT_TIMEOUT)
@@ -188,6 +207,7 @@ def test_prometheus_reads_exactly_the_traffic_made(start_muxd, tmp_path: Path) -
 
         def seen_everything(samples: dict) -> bool:
             return (total(samples, "muxd_connections_closed_total") == 11
+                    and total(samples, "muxd_received_bytes_total") == sent
                     and total(samples, "muxd_udp_datagrams_dropped_total") == 3
                     and total(samples, "muxd_config_reloads_total") == 2)
 
@@ -198,8 +218,8 @@ def test_prometheus_reads_exactly_the_traffic_made(start_muxd, tmp_path: Path) -
             return prometheus.value(expr, at)
 
         where = f'listener="{listener}"'
-        assert value(f"muxd_connections_accepted_total{{{where}}}") == 11
-        assert value(f"muxd_connections_open{{{where}}}") == 0
+        assert value(f"muxd_connections_accepted_total{{{where}}}") == 12
+        assert value(f"muxd_connections_open{{{where}}}") == 1
         closed = {reason: value(f'muxd_connections_closed_total{{{where},reason="{reason}"}}')
                   for reason in ("eof", "reset", "idle", "limit", "shutdown", "access")}
         assert closed == {"eof": 8, "reset": 0, "idle": 0, "limit": 2, "shutdown": 0,
@@ -229,6 +249,7 @@ def test_prometheus_reads_exactly_the_traffic_made(start_muxd, tmp_path: Path) -
         increased = {item["metric"]["reason"] for item in by_reason
                      if float(item["value"][1]) > 0}
         assert increased == {"eof", "limit", "access"}, by_reason
+        kept.close()
     finally:
         prometheus.close()
 
