@@ -50,7 +50,9 @@ _UDP_REASONS = {
     "over udp_rate for its source": "rate",
     "over udp_total_rate": "total_rate",
 }
+# The label values metrics.py declares are exactly what is counted here.
 assert set(_UDP_REASONS.values()) | {"send_failed"} == set(UDP_DROP_REASONS)
+assert set(CLOSE_REASONS) == {reason.name.lower() for reason in Close}
 
 
 def gather(shared: Shared) -> Figures:
@@ -76,7 +78,6 @@ def gather(shared: Shared) -> Figures:
     for reason, count in udp_guard.dropped.items():
         label = _UDP_REASONS.get(reason, "send_failed")
         figures.udp_dropped[label] = figures.udp_dropped.get(label, 0) + count
-    assert set(CLOSE_REASONS) == {reason.name.lower() for reason in Close}
     return figures
 
 
