@@ -85,7 +85,7 @@ class Connection:
         # echoed or still pending, so bytes_out is derived (below).
         self.bytes_in = 0
         self.group: object = None  # the per-client-limit key, when that limit is on
-        self.origin: object = None  # its listener's tally (figures.ListenerTally)
+        self.origin: object = None  # its listener's tally (state.ListenerTally)
         # Idleness is judged by the loop's periodic sweep from progress (bytes
         # moved) rather than by a timestamp written on every event.
         self.progress_mark = 0

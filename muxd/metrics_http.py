@@ -27,7 +27,8 @@ flight (a pipelined second request is such input).
 
 A slow or hostile scraper costs little and only for a while:
 
-* at most ``MAX_SCRAPERS`` connections at once; more are closed at once;
+* at most ``MAX_SCRAPERS`` connections at once; more are closed at once,
+  at most ``ACCEPTS_PER_TURN`` a turn (a flood waits in the kernel's queue);
 * each has ``REQUEST_TIMEOUT`` seconds from accept to its close, whatever
   it does (slowloris, a never-reader);
 * a request line and headers are capped at ``MAX_REQUEST_BYTES``
@@ -63,6 +64,7 @@ MAX_REQUEST_BYTES = 8192
 READ_SIZE = 4096
 MAX_DISCARD_READS = 16
 TICK = 0.25
+ACCEPTS_PER_TURN = 64  # a flood of connections is taken a bounded bite per turn
 _SCRATCH = bytearray(65536)  # dropped input lands here; the loop is single-threaded
 
 _READING, _WAITING, _WRITING, _DRAINING = range(4)
@@ -184,7 +186,7 @@ class MetricsEndpoint:
 
     def _accept(self, listener: socket.socket) -> None:
         deadline = self._clock() + REQUEST_TIMEOUT
-        while True:
+        for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, peer = listener.accept()
             except BlockingIOError:
@@ -220,6 +222,13 @@ class MetricsEndpoint:
                 continue
             self._scrapers[scraper.fd] = scraper
             self.fds.add(scraper.fd)
+        # The budget is spent and clients may still be queued: no new edge
+        # will say so, so come back next turn (a timer due just after this
+        # turn's clock, so that it is not run again within this turn).
+        if listener not in self._ready:
+            self._ready.append(listener)
+        if self._accept_timer is None:
+            self._accept_timer = self._timers.call_at(self._clock() + 1e-6, self._accept_ready)
 
     # --- one request ----------------------------------------------------------
 
