@@ -31,7 +31,7 @@ from muxd.pollers import READ, Poller
 from muxd.timers import Timer, Timers
 
 GATHER_TIMEOUT = 1.0
-MAX_FIGURES_BYTES = 1 << 20
+MAX_FIGURES_BYTES = 256 << 10  # one worker's figures as JSON: ~1 KiB per listener
 
 
 class ServiceMetrics:
