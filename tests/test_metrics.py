@@ -379,6 +379,18 @@ def test_workers_report_the_whole_service_on_one_endpoint(start_muxd) -> None:
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_a_busy_metrics_port_fails_the_start_clearly(start_muxd) -> None:
+    port, metrics_port = free_port(), free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", metrics_port))
+        squatter.listen()
+        daemon = start_muxd(metrics_config(port, metrics_port), ready=False)
+        assert daemon.wait() == 69  # EX_UNAVAILABLE, as for any listener; not 78
+    assert f"[metrics] cannot listen on 127.0.0.1:{metrics_port}: address already in use" \
+        in daemon.log
+    assert "Traceback" not in daemon.log
+
+
 def test_metrics_off_by_default_binds_nothing_more(start_muxd) -> None:
     port = free_port()
     daemon = start_muxd(f"[server]\nlisten = 127.0.0.1:{port}\n")
