@@ -61,6 +61,8 @@ class ServiceMetrics:
 
     def channel_for(self, slot: int) -> socket.socket:
         """Before forking the worker of ``slot``: its end of a new channel."""
+        for end in self._unborn.pop(slot, ()):  # a fork that failed left these
+            end.close()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._unborn[slot] = (ours, theirs)
         return theirs
