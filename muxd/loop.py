@@ -30,6 +30,9 @@ and which never calls the loop back except through what it was handed:
 * ``reload.py``: apply a new configuration (SIGHUP);
 * ``housekeeping.py``: the idle sweep and log flushing;
 * ``report.py``: counters, STATUS=, READY=1, WATCHDOG=1, descriptions;
+* ``figures.py``: the metrics endpoint (or a worker's line to its
+  supervisor), and the figures it gathers from the shared state at scrape
+  time; the loop hands it the events of its descriptors;
 * ``state.py``: what they all share (connection table, poller, timers,
   counters) and ``Shared.close``, the one way a connection ends.
 """
@@ -39,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import socket
 import time
 from collections.abc import Sequence
 
@@ -69,6 +73,8 @@ class EchoServer:
         notifier: Notifier,
         udp_endpoints: Sequence[UdpEndpoint] = (),
         test_hooks: frozenset[str] = frozenset(),
+        metrics_sockets: Sequence[socket.socket] = (),
+        metrics_channel: socket.socket | None = None,
     ) -> None:
         self.shared = shared = Shared(config, config_path, listeners, udp_endpoints, poller,
                                       notifier, time.monotonic())
@@ -89,6 +95,13 @@ class EchoServer:
         self.housekeeping = Housekeeping(
             shared, self.reporter, (self.admission.flush_logs, shared.udp_guard.flush_log))
         self.reload = Reload(shared, self.housekeeping.schedule)
+        self.metrics = None
+        if metrics_sockets or metrics_channel is not None:
+            # Imported only here: a daemon that serves no metrics never loads
+            # h11 and the exposition code, nor spends its start-up on them.
+            from muxd.figures import MetricsRoom
+
+            self.metrics = MetricsRoom(shared, self.reload, metrics_sockets, metrics_channel)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -98,6 +111,8 @@ class EchoServer:
         for fd in [*shared.listeners, *shared.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
+        if self.metrics is not None:
+            self.metrics.start()
         self.housekeeping.schedule()
         interval = watchdog_interval()
         if interval is not None:
@@ -273,6 +288,8 @@ class EchoServer:
             self._udp_event(shared.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
+        elif self.metrics is not None and self.metrics.owns(fd):
+            self.metrics.on_event(fd)
         # else: a stale event for a connection closed earlier in this batch
 
     def _udp_event(self, endpoint: UdpEndpoint) -> None:
@@ -288,6 +305,8 @@ class EchoServer:
 
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.metrics is not None:
+                self.metrics.close()
             self.stopper.begin(signal.Signals(signum).name)
             # Nothing more to read for echo, and nothing left to accept from.
             self._retry.clear()
@@ -306,6 +325,8 @@ class EchoServer:
 
     def _close_everything(self) -> None:
         shared = self.shared
+        if self.metrics is not None:
+            self.metrics.close()
         shared.close_all()
         for listener in list(shared.listeners.values()):
             shared.close_listener(listener)

@@ -48,6 +48,7 @@ ROOTFS_PACKAGES = (
     # What the Debian package depends on, so that it installs offline; man for `man muxd`.
     "python3-sdnotify",
     "python3-daemon",
+    "python3-h11",
     "man-db",
     # The non-systemd suite, run in the (unbooted) tree on the release's own Python.
     # (setuptools: muxd is installed editable into a venv there; trixie's pip lacks it).
