@@ -46,7 +46,10 @@ _LOCAL, _PROXY = 0, 1
 # (family, transport) with an address muxd uses: TCP over IPv4 and IPv6, and
 # the size of their address blocks (two addresses, two ports).
 _V2_ADDRESS_BLOCKS = {(1, 1): 12, (2, 1): 36}
-_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF:")
+# IPv6 in a v1 line: hex groups and colons, and a dotted IPv4 tail, which the
+# specification does not mention but HAProxy writes for IPv4-mapped addresses
+# when the two ends' families differ (inet_ntop's "::ffff:a.b.c.d").
+_IPV6_CHARACTERS = frozenset(b"0123456789abcdefABCDEF:.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +202,8 @@ def _parse_v1_line(body: bytes) -> Client | None | Malformed:
 def _v1_address(text: bytes, ipv6: bool) -> IPAddress | None:
     try:
         if ipv6:
-            # Hex groups and colons only: no scope id, no dotted tail.
-            if not text or not _HEX_DIGITS.issuperset(text):
+            # No scope id ("%eth0"): it names an interface of the sender.
+            if not text or not _IPV6_CHARACTERS.issuperset(text):
                 return None
             return ipaddress.IPv6Address(text.decode("ascii"))
         # Python's parser takes exactly four decimal numbers 0-255 and refuses
