@@ -92,6 +92,8 @@ class Config:
     udp_total_rate: float = 10000.0
     allow: tuple[IPNetwork, ...] = ()
     deny: tuple[IPNetwork, ...] = ()
+    proxy_protocol: bool = False
+    proxy_from: tuple[IPNetwork, ...] = ()
     source: str = BUILTIN_SOURCE
 
 
@@ -257,6 +259,8 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("server", "backlog"): ("backlog", _int_in(1, 65535)),
     ("server", "udp"): ("udp", parse_optional_addresses),
     ("server", "workers"): ("workers", _workers),
+    ("server", "proxy_protocol"): ("proxy_protocol", _boolean),
+    ("server", "proxy_from"): ("proxy_from", parse_networks),
     ("limits", "nofile"): ("nofile", _int_in(64, 1 << 20)),
     ("limits", "max_connections"): ("max_connections", _int_in(1, 1 << 20)),
     ("limits", "idle_timeout"): ("idle_timeout", _seconds(86400 * 365)),
@@ -320,6 +324,12 @@ def parse_config_text(text: str, source: str) -> Config:
                 values[name] = parse(raw)
             except ValueError as err:
                 raise ConfigError(source, f"expected {err}", section, key, raw) from None
+    if values.get("proxy_protocol") and not values.get("proxy_from"):
+        # Without it anyone could claim any client address (proxy_protocol.py).
+        raise ConfigError(
+            source, "expected the addresses or CIDR blocks of the load balancers allowed to "
+            "send PROXY protocol headers; it is required when proxy_protocol = yes",
+            "server", "proxy_from", parser.get("server", "proxy_from", fallback=None))
     return Config(**values)
 
 
