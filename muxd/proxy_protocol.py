@@ -57,6 +57,7 @@ class Header:
     client: Client | None
     length: int  # bytes of the stream the header took
     payload_start: int  # offset, in the piece that completed the header, of what follows it
+    version: int  # 1 or 2, for the log
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,7 @@ class HeaderReader:
         client = _parse_v1_line(bytes(kept[len(V1_PREFIX):-2]))
         if isinstance(client, Malformed):
             return client
-        return Header(client, self._taken + used, used)
+        return Header(client, self._taken + used, used, 1)
 
     # --- version 2: binary --------------------------------------------------
 
@@ -170,7 +171,7 @@ class HeaderReader:
         self._taken += used
         if self._skip:
             return None
-        self._result = Header(self._client, self._taken, used)
+        self._result = Header(self._client, self._taken, used, 2)
         return self._result
 
 

@@ -123,6 +123,7 @@ def test_any_valid_header_gives_its_client_and_exactly_the_payload(header, paylo
     assert isinstance(result, Header), result
     assert result.client == client
     assert result.length == len(header_bytes)
+    assert result.version == (1 if header_bytes.startswith(b"PROXY") else 2)
     assert after == payload
 
 
@@ -229,7 +230,7 @@ def test_a_v1_line_of_exactly_107_bytes_is_accepted() -> None:
                b"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n")
     assert len(longest) == V1_MAX_LENGTH
     result = HeaderReader().feed(longest + b"x")
-    assert result == Header(None, V1_MAX_LENGTH, V1_MAX_LENGTH)
+    assert result == Header(None, V1_MAX_LENGTH, V1_MAX_LENGTH, 1)
     assert isinstance(HeaderReader().feed(longest[:-2] + b"x\r\n"), Malformed)
 
 
