@@ -20,6 +20,8 @@ that order; every other concern has a room of its own, which the loop calls
 and which never calls the loop back except through what it was handed:
 
 * ``admission.py``: accept, admit or refuse, out of descriptors;
+* ``proxy_wait.py``: with ``proxy_protocol``, connections waiting for their
+  PROXY header, which reach it through the dispatch of other descriptors;
 * ``stopping.py``: the graceful stop (drain, linger, deadline);
 * ``reload.py``: apply a new configuration (SIGHUP);
 * ``housekeeping.py``: the idle sweep and log flushing;
@@ -43,6 +45,7 @@ from muxd.housekeeping import Housekeeping
 from muxd.listeners import Listener
 from muxd.notify import Notifier, watchdog_interval
 from muxd.pollers import READ, Poller
+from muxd.proxy_wait import HeaderWait
 from muxd.reload import Reload
 from muxd.report import Reporter
 from muxd.signals import SignalQueue
@@ -76,10 +79,13 @@ class EchoServer:
         self._ready_listeners: list[Listener] = []
         self._signalled = False
         self.admission = Admission(shared)
+        self.header_wait = HeaderWait(shared, self.admission.admit_client, self._apply)
+        self.admission.header_wait = self.header_wait.take
         self.reporter = Reporter(shared)
         self.stopper = Stopping(shared, self._other_event)
         self.housekeeping = Housekeeping(
-            shared, self.reporter, (self.admission.flush_logs, shared.udp_guard.flush_log))
+            shared, self.reporter, (self.admission.flush_logs, shared.udp_guard.flush_log,
+                                    self.header_wait.flush_logs))
         self.reload = Reload(shared, self.housekeeping.schedule)
 
     # --- lifecycle -------------------------------------------------------
@@ -250,6 +256,8 @@ class EchoServer:
             self._udp_event(shared.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
+        elif fd in self.header_wait.waiting:
+            self.header_wait.on_readable(fd)  # a PROXY header (proxy_wait.py)
         # else: a stale event for a connection closed earlier in this batch
 
     def _udp_event(self, endpoint: UdpEndpoint) -> None:
@@ -266,6 +274,7 @@ class EchoServer:
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopper.begin(signal.Signals(signum).name)
+            self.header_wait.close_all()
             self._retry.clear()
         elif signum == signal.SIGHUP:
             self.reload()
@@ -281,6 +290,7 @@ class EchoServer:
     def _close_everything(self) -> None:
         shared = self.shared
         shared.close_all()
+        self.header_wait.close_all()
         for listener in list(shared.listeners.values()):
             shared.close_listener(listener)
         shared.close_udp()

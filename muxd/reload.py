@@ -27,7 +27,9 @@ from muxd.state import Shared
 
 logger = logging.getLogger("muxd")
 
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp")
+# proxy_protocol is what a listener speaks, like listen: see README, "Behind a
+# load balancer".
+RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "proxy_protocol")
 
 
 class Reload:
@@ -80,8 +82,10 @@ class Reload:
             if not limited:
                 continue
             try:
-                host = conn.sock.getpeername()[0]
-            except (OSError, IndexError):
+                # Behind a balancer the socket's peer is the balancer; the
+                # client its header named is kept in conn.peer (proxy_wait.py).
+                host = conn.peer[0] if config.proxy_protocol else conn.sock.getpeername()[0]
+            except (OSError, IndexError, TypeError):
                 continue
             if host:
                 conn.group = client_group(client_address(host), config.ipv6_prefix)
