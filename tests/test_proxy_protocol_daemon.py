@@ -11,7 +11,8 @@ inside a header each end that one connection, counted, with no traceback, while
 a client already being served goes on being served; LOCAL is echoed with no
 client address; proxy_from changes on reload, proxy_protocol needs a restart;
 inherited (socket-activated) listeners expect the header too; without
-proxy_from the configuration is refused with exit status 78.
+proxy_from the configuration is refused with exit status 78. What a single
+connection goes through runs once per backend.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from daemon_harness import (
     unprovoked_errors,
     wait_until,
 )
-from muxd.proxy_wait import HEADER_TIMEOUT
 
 from muxd.config import EX_CONFIG
 from muxd.proxy_protocol import V2_SIGNATURE
+from muxd.proxy_wait import HEADER_TIMEOUT
 
 BALANCER = "127.0.0.1"
 OUTSIDER = "127.0.0.5"
@@ -73,8 +74,9 @@ def tlv(kind: int, value: bytes) -> bytes:
     return bytes([kind]) + struct.pack(">H", len(value)) + value
 
 
-def proxied_config(port: int, proxy_from: str = BALANCER, **limits: object) -> str:
-    return (server_config(port, **limits).replace(
+def proxied_config(port: int, proxy_from: str = BALANCER, backend: str = "auto",
+                   **limits: object) -> str:
+    return (server_config(port, backend, **limits).replace(
         "[limits]", f"proxy_protocol = yes\nproxy_from = {proxy_from}\n[limits]")
         + "[logging]\nconnections = yes\n")
 
@@ -118,9 +120,10 @@ def no_errors(daemon: Muxd) -> None:
 
 
 @pytest.fixture
-def proxied(start_muxd):
+def proxied(start_muxd, backend):
+    """A daemon expecting headers from 127.0.0.1, once per backend (epoll, poll, select)."""
     port = free_port()
-    return port, start_muxd(proxied_config(port))
+    return port, start_muxd(proxied_config(port, backend=backend))
 
 
 # --- configuration -----------------------------------------------------------
