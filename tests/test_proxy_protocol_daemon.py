@@ -11,7 +11,8 @@ inside a header each end that one connection, counted, with no traceback, while
 a client already being served goes on being served; LOCAL is echoed with no
 client address; proxy_from changes on reload, proxy_protocol needs a restart;
 inherited (socket-activated) listeners expect the header too; without
-proxy_from the configuration is refused with exit status 78. What a single
+proxy_from the configuration is refused with exit status 78; waiting connections
+count towards max_connections and a stop closes them at once. What a single
 connection goes through runs once per backend.
 """
 
@@ -374,4 +375,37 @@ def test_socket_activated_listeners_expect_the_header_too(start_muxd, tmp_path) 
     assert not served(port, b"", b"plain client\n")
     assert not served(port, v1("198.51.100.1"), source=OUTSIDER)
     daemon.wait_log("connect 198.51.100.1:40000 on")
+    no_errors(daemon)
+
+
+def test_connections_waiting_for_a_header_count_towards_max_connections(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(proxied_config(port, max_connections=3))
+    kept = held(port, v1("198.51.100.1"))
+    # Waiting for their headers; accepted before the next (the queue is in order).
+    silent = [connect_from(port) for _ in range(2)]
+    with connect_from(port) as sock:
+        assert sees_connection_end(sock, timeout=HEADER_TIMEOUT / 2)
+    daemon.wait_log("refused a connection: max_connections (3) reached")
+    for sock in silent:
+        sock.close()
+    wait_until(lambda: served(port, v1("198.51.100.2")), what="room once they are gone")
+    kept.close()
+    no_errors(daemon)
+
+
+def test_a_stop_closes_connections_waiting_for_a_header_at_once(proxied) -> None:
+    port, daemon = proxied
+    waiting = connect_from(port)
+    waiting.sendall(b"PROXY TCP4 ")
+    assert served(port, v1("198.51.100.1"))  # the daemon has taken the first one by now
+    began = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert sees_connection_end(waiting, timeout=HEADER_TIMEOUT / 2)
+    assert daemon.wait(HEADER_TIMEOUT / 2) == 0
+    assert time.monotonic() - began < HEADER_TIMEOUT / 2
+    daemon.wait_log("stopped: ")
+    stopped = daemon.log.split("stopped: ")[-1]
+    assert "shutdown 1" in stopped and "proxy 0" in stopped, stopped
+    waiting.close()
     no_errors(daemon)
