@@ -37,6 +37,13 @@ _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                 errno.EOPNOTSUPP, errno.ENETUNREACH}
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_RETRY_DELAY = 0.1
+# Connections taken off one listener in one loop turn. A storm of clients
+# that connect and reset at once would otherwise keep accept() running while
+# the resets of those already taken wait for the next turn: the table fills
+# with dead connections and established clients stall. Small enough that a
+# turn stays short, large enough that a burst of real clients is taken in a
+# few turns.
+ACCEPTS_PER_TURN = 64
 
 
 class Admission:
@@ -49,8 +56,11 @@ class Admission:
         # header before it is judged (proxy_wait.HeaderWait.take).
         self.header_wait: Callable[[socket.socket, object, Listener], None] | None = None
 
-    def accept(self, listener: Listener) -> None:
-        """Accept what is queued on ``listener``, to EAGAIN."""
+    def accept(self, listener: Listener) -> bool:
+        """Accept what is queued on ``listener``, to EAGAIN or ``ACCEPTS_PER_TURN``.
+
+        True if it stopped at the budget, so clients may still be queued: the
+        caller must come back next turn, as edge-triggering gives no new edge."""
         shared = self.shared
         accept = listener.sock.accept
         conns = shared.conns
@@ -59,20 +69,19 @@ class Admission:
         fd_limit = poller.fd_limit
         set_nodelay = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
         header_wait = self.header_wait if config.proxy_protocol else None
-        while True:
+        for taken in range(ACCEPTS_PER_TURN):
             try:
                 sock, peer = accept()
             except BlockingIOError:
-                return
+                return False
             except OSError as err:
                 if err.errno in _CLIENT_GONE:
                     continue
                 if err.errno in _OUT_OF_DESCRIPTORS:
-                    self._out_of_descriptors(listener, err)
-                else:
-                    self._fd_exhaustion.log(f"accept on {listener.name} failed: {err}")
-                    self._pause_accepting(listener)
-                return
+                    return self._out_of_descriptors(listener, err, ACCEPTS_PER_TURN - taken)
+                self._fd_exhaustion.log(f"accept on {listener.name} failed: {err}")
+                self._pause_accepting(listener)
+                return False
             shared.counters.accepted += 1
             fd = sock.fileno()
             if len(conns) >= config.max_connections:
@@ -110,6 +119,7 @@ class Admission:
                 shared.per_client[group] = shared.per_client.get(group, 0) + 1
             if config.log_connections:
                 logger.info("connect %s on %s", peer_name(peer), listener.name)
+        return True
 
     def _admit(self, sock: socket.socket, peer: object) -> object:
         """Apply [access] and max_connections_per_ip to a new connection: its
@@ -147,7 +157,7 @@ class Admission:
             log = self._refusals[kind] = RateLimitedLog(logging.WARNING)
         log.log(f"refused a connection: {why}")
 
-    def _out_of_descriptors(self, listener: Listener, err: OSError) -> None:
+    def _out_of_descriptors(self, listener: Listener, err: OSError, budget: int) -> bool:
         # Stopping here would strand every client queued behind this one:
         # under edge-triggering no new edge comes until yet another client
         # connects, and under level-triggering the listener stays readable and
@@ -155,16 +165,17 @@ class Admission:
         # descriptor kept for this moment, accept each waiting client and
         # close it at once, so it sees its connection end instead of hanging,
         # and stop at EAGAIN (Linux reports EMFILE before looking at the
-        # queue). Where that cannot work (no spare, or the whole system is
+        # queue), or at what is left of this turn's budget, coming back next
+        # turn. Where that cannot work (no spare, or the whole system is
         # out: ENFILE), do what nginx does: stop watching the listener and try
-        # again shortly.
+        # again shortly. True if stopped at the budget.
         closed = 0
-        drained = False
+        drained = at_budget = False
         if self._spare_fd is not None:
             os.close(self._spare_fd)
             self._spare_fd = None
             try:
-                while True:
+                for _ in range(budget):
                     try:
                         sock, _ = listener.sock.accept()
                     except BlockingIOError:
@@ -176,6 +187,8 @@ class Admission:
                         break
                     sock.close()
                     closed += 1
+                else:
+                    at_budget = True
             finally:
                 self._spare_fd = _open_spare_fd()
         counters = self.shared.counters
@@ -183,10 +196,11 @@ class Admission:
         counters.closed[Close.LIMIT] += closed
         message = f"out of file descriptors ({errno.errorcode.get(err.errno, err.errno)}) " \
                   f"on {listener.name}: closed {closed} waiting connection(s) at once"
-        if not drained:
+        if not (drained or at_budget):
             message += f"; retrying in {ACCEPT_RETRY_DELAY:g}s"
             self._pause_accepting(listener)
         self._fd_exhaustion.log(message + f" (RLIMIT_NOFILE is {_soft_nofile()})")
+        return at_budget
 
     def _pause_accepting(self, listener: Listener) -> None:
         shared = self.shared

@@ -9,14 +9,23 @@ import sys
 
 from muxd import __version__
 from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, Config, ConfigError, load_config
-from muxd.listeners import Listener, ListenerError, bind_listeners, describe, inherited_sockets
+from muxd.listeners import (
+    Listener,
+    ListenerError,
+    bind_listeners,
+    check_unserved,
+    describe,
+    inherited_sockets,
+)
 from muxd.logs import logger, set_level, setup_logging, stderr_is_journal
 from muxd.notify import Notifier
 from muxd.pollers import create_poller
 from muxd.resources import raise_nofile
+from muxd.signals import hold_until_handled
 from muxd.udp import UdpEndpoint, bind_udp, inherited_endpoint
 
 EX_USAGE = 64
+EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 
 
@@ -41,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hold_until_handled()  # again for the console script, which imports us first
     args = build_parser().parse_args(argv)
+    if args.detach and args.config:
+        # The daemon's working directory is /, and every reload reads this path.
+        args.config = os.path.abspath(args.config)
     setup_logging()
     try:
         config = load_config(args.config)
@@ -71,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         # Workers bind their own SO_REUSEPORT sockets after the fork; only
         # inherited ones are taken here, before the environment is cleared.
         sockets = _inherited_sockets() if workers else _open_sockets(config)
+        if workers and sockets is None:
+            check_unserved(config.listen, config.udp)
     except ListenerError as err:
         logger.error("%s", err)
         return err.exit_status
 
-    context = None
+    context = report = None
     if args.detach:
         from muxd.detach import DetachError, detach
 
@@ -84,26 +99,36 @@ def main(argv: list[str] | None = None) -> int:
             *(endpoint.sock for endpoint in sockets[1]),
         ]
         try:
-            context = detach(args.pidfile, [sock.fileno() for sock in held])
+            context, report = detach(args.pidfile, [sock.fileno() for sock in held])
         except DetachError as err:
             logger.error("%s", err)
             return EX_CANTCREAT
 
     # Everything below holds descriptors, so it is created after a detach.
-    notifier = Notifier()
+    if report is not None:
+        from muxd.detach import ReportingNotifier
+
+        notifier: Notifier = ReportingNotifier(report)
+    else:
+        notifier = Notifier()
     hooks = frozenset(filter(None, os.environ.get("MUXD_TEST_HOOKS", "").split(",")))
+    status = EX_SOFTWARE  # unless run() returns: an exception is on its way up
     try:
         if workers:
             from muxd.supervisor import Supervisor
 
-            return Supervisor(config, args.config, sockets, notifier, hooks).run()
+            status = Supervisor(config, args.config, sockets, notifier, hooks).run()
+            return status
         from muxd.loop import EchoServer
 
         listeners, udp_endpoints = sockets
         server = EchoServer(config, args.config, listeners, create_poller(config.backend),
                             notifier, udp_endpoints=udp_endpoints, test_hooks=hooks)
-        return server.run()
+        status = server.run()
+        return status
     finally:
+        if report is not None:
+            report.failed(status)  # nothing once it reported ready
         notifier.close()
         if context is not None:
             context.close()
@@ -116,7 +141,7 @@ def _inherited_sockets() -> tuple[list[Listener], list[UdpEndpoint]] | None:
     if inherited is None:
         return None
     if not inherited:
-        raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)")
+        raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)", EX_CONFIG)
     listeners, endpoints = [], []
     for sock, label in inherited:
         if sock.type == socket.SOCK_DGRAM:

@@ -10,9 +10,15 @@ Order of work in one turn, and why:
    descriptor number closed by one event cannot be reused by a new connection
    before a later, stale event in the same batch names it (epoll(7), "event
    cache"): that later event simply finds no connection.
-3. Give the promised extra turns (connections that stopped reading at the
-   per-event cap; see connection.py).
-4. Accept on the listeners that were ready, to EAGAIN.
+3. Give the extra turns promised in the turn before (connections that
+   stopped reading at the per-event cap, see connection.py; UDP endpoints
+   that stopped at theirs). What is promised during a turn is given in the
+   next one, after a poll without waiting, never in the same one: so each
+   turn's work is bounded (by the caps, times the sources), and a source that
+   floods cannot keep the loop from its other events, signals and timers.
+4. Accept on the listeners that were ready, up to a budget per listener
+   (admission.py); one stopped by its budget is promised the next turn, as
+   edge-triggering would give no new edge for the clients still queued.
 5. Take queued signals; run due timers.
 
 The loop owns the hot function, the dispatch of events and extra turns, and
@@ -40,7 +46,7 @@ from collections.abc import Sequence
 
 from muxd.admission import Admission
 from muxd.config import Config
-from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection
+from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection, read_size
 from muxd.housekeeping import Housekeeping
 from muxd.listeners import Listener
 from muxd.notify import Notifier, watchdog_interval
@@ -74,8 +80,10 @@ class EchoServer:
         self.conns = shared.conns
         self.timers = shared.timers
         self.signals = SignalQueue()
-        self._retry: list[Connection] = []
-        self._udp_retry: list[UdpEndpoint] = []
+        # Extra turns promised for the next turn, by fd: a source promised
+        # twice in one turn still gets one turn.
+        self._retry: dict[int, Connection] = {}
+        self._udp_retry: dict[int, UdpEndpoint] = {}
         self._ready_listeners: list[Listener] = []
         self._signalled = False
         self.admission = Admission(shared)
@@ -131,17 +139,21 @@ class EchoServer:
         hangup = poller.hangup_mask
         infinity = math.inf
         shared = self.shared
+        chunk, into = self._read_size()
         close = shared.close
         now = shared.now
         while not (shared.stopping and not shared.conns):
             retry = self._retry
             udp_retry = self._udp_retry
             timeout: float | None
-            if retry or udp_retry:
-                self._retry = []
-                self._udp_retry = []
+            if retry or udp_retry or self._ready_listeners:
+                # Promises made during this turn go to fresh containers and
+                # wait for the next turn.
+                self._retry = {}
+                self._udp_retry = {}
                 timeout = 0.0
             else:
+                retry = udp_retry = None
                 timeout = timers.next_due - now
                 if timeout < 0.0:
                     timeout = 0.0
@@ -186,7 +198,7 @@ class EchoServer:
                     # of the CPU.
                     sock = conn.sock
                     try:
-                        received = sock.recv_into(RECV_BUFFER)
+                        received = sock.recv_into(into)
                     except BlockingIOError:
                         continue
                     except OSError:
@@ -200,43 +212,53 @@ class EchoServer:
                         except OSError:
                             close(conn, Close.RESET)
                             continue
-                        if sent == received and received < READ_CHUNK:
+                        if sent == received and received < chunk:
                             conn.bytes_in += received
                             continue
-                        want = conn.finish_read(received, sent)
+                        want = conn.finish_read(received, sent, chunk)
                     else:
-                        want = conn.finish_read(0, 0)
+                        want = conn.finish_read(0, 0, chunk)
                     if want != conn.interest:
                         self._apply(conn, want)
             if retry:
                 self._give_extra_turns(retry)
-            for endpoint in udp_retry:
-                self._udp_event(endpoint)
+            if udp_retry:
+                for endpoint in udp_retry.values():
+                    self._udp_event(endpoint)
             if self._ready_listeners:
                 ready, self._ready_listeners = self._ready_listeners, []
+                listeners = shared.listeners
                 for listener in ready:
-                    self.admission.accept(listener)
+                    if listener.fd in listeners and self.admission.accept(listener):
+                        self._ready_listeners.append(listener)  # clients still queued
             if self._signalled:
                 self._signalled = False
                 for signum in self.signals.take():
                     self._on_signal(signum)
+                chunk, into = self._read_size()  # a reload may have changed buffer_size
             if now >= timers.next_due:
                 timers.run_due(now)
+
+    def _read_size(self) -> tuple[int, bytearray | memoryview]:
+        """What the fast path reads at most, and into what: no more than buffer_size, so
+        an echo that falls short never leaves more than that owed (connection.py)."""
+        chunk = read_size(self.shared.config.buffer_size)
+        return chunk, RECV_BUFFER if chunk == READ_CHUNK else RECV_VIEW[:chunk]
 
     def _apply(self, conn: Connection, want: int) -> None:
         if want < 0:
             self.shared.close(conn, want)
             return
         if want & AGAIN:
-            self._retry.append(conn)
+            self._retry[conn.fd] = conn
             want &= ~AGAIN
         if want != conn.interest:
             self.poller.modify(conn.fd, want)
             conn.interest = want
 
-    def _give_extra_turns(self, retry: list[Connection]) -> None:
+    def _give_extra_turns(self, retry: dict[int, Connection]) -> None:
         conns = self.conns
-        for conn in retry:
+        for conn in retry.values():
             # Identity, not just the number: the descriptor may belong to a
             # newer connection by now.
             if conns.get(conn.fd) is conn and conn.interest & READ:
@@ -251,7 +273,8 @@ class EchoServer:
         shared = self.shared
         listener = shared.listeners.get(fd)
         if listener is not None:
-            self._ready_listeners.append(listener)
+            if listener not in self._ready_listeners:  # already promised this turn
+                self._ready_listeners.append(listener)
         elif fd in shared.udp:
             self._udp_event(shared.udp[fd])
         elif fd == self.signals.fd:
@@ -267,7 +290,7 @@ class EchoServer:
         # for the next datagram to make an edge.
         shared = self.shared
         if endpoint.fd in shared.udp and endpoint.on_readable(shared.udp_guard, shared.now):
-            self._udp_retry.append(endpoint)
+            self._udp_retry[endpoint.fd] = endpoint
 
     # --- signals ---------------------------------------------------------
 
@@ -275,7 +298,10 @@ class EchoServer:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopper.begin(signal.Signals(signum).name)
             self.header_wait.close_all()
+            # Nothing more to read for echo, and nothing left to accept from.
             self._retry.clear()
+            self._udp_retry.clear()
+            self._ready_listeners.clear()
         elif signum == signal.SIGHUP:
             self.reload()
         elif signum == signal.SIGUSR1:

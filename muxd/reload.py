@@ -2,8 +2,8 @@
 
 Owns the rule of what a reload may change: everything but the fields in
 ``RESTART_ONLY_FIELDS``, which are logged as needing a restart and kept; an
-invalid file changes nothing. Around it, the notify protocol's RELOADING=1
-(with MONOTONIC_USEC) and READY=1.
+invalid file changes nothing; a stopping daemon does not reload. Around it,
+the notify protocol's RELOADING=1 (with MONOTONIC_USEC) and READY=1.
 
 Of the shared state it may: replace ``config``, ``access`` and the UDP guard's
 settings, regroup the per-client counts (and each connection's ``group``)
@@ -19,17 +19,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from muxd.access import AccessPolicy, client_address, client_group
-from muxd.config import ConfigError, changed_fields, load_config
+from muxd.config import RESTART_ONLY_FIELDS, ConfigError, changed_fields, load_config
 from muxd.logs import set_level
 from muxd.report import status
 from muxd.resources import raise_nofile
 from muxd.state import Shared
 
 logger = logging.getLogger("muxd")
-
-# proxy_protocol is what a listener speaks, like listen: see README, "Behind a
-# load balancer".
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "proxy_protocol")
 
 
 class Reload:
@@ -39,6 +35,11 @@ class Reload:
 
     def __call__(self) -> None:
         shared = self.shared
+        if shared.stopping:
+            # systemd has been told STOPPING=1: a RELOADING=1 and READY=1 now
+            # would tell it the service is up again while it drains to exit.
+            logger.info("SIGHUP while stopping: not reloading")
+            return
         shared.notifier.reloading()
         old = shared.config
         try:

@@ -71,6 +71,7 @@ class Shared:
         self.udp = {endpoint.fd: endpoint for endpoint in udp_endpoints}
         self.access = AccessPolicy.from_config(config)
         self.udp_guard = UdpGuard(config, self.access)
+        self.udp_guard.know_endpoints(udp_endpoints)
         self.conns: dict[int, Connection] = {}
         self.per_client: dict[object, int] = {}  # connections held per client group
         self.counters = Counters()
