@@ -33,7 +33,7 @@ import socket
 from collections.abc import Callable
 
 from muxd.access import client_address
-from muxd.connection import RECV_BUFFER, RECV_VIEW, Close, Connection
+from muxd.connection import READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection, read_size
 from muxd.listeners import Listener
 from muxd.logs import RateLimitedLog
 from muxd.pollers import READ, FdOutOfRange
@@ -118,9 +118,13 @@ class HeaderWait:
         waiting = self.waiting[fd]
         recv_into = waiting.sock.recv_into
         reader = waiting.reader
+        # No more than an echo read takes, so what follows the header is never
+        # more than buffer_size: the bound on what one client costs.
+        size = read_size(self.shared.config.buffer_size)
+        into = RECV_BUFFER if size == READ_CHUNK else RECV_VIEW[:size]
         while True:
             try:
-                received = recv_into(RECV_BUFFER)
+                received = recv_into(into)
             except BlockingIOError:
                 return
             except OSError:
@@ -188,7 +192,9 @@ class HeaderWait:
             except OSError:
                 shared.close(conn, Close.RESET)
                 return
-            want = conn.finish_read(payload, sent)
+            # asked=0: whether more is queued is not finish_read's to judge
+            # from a slice of a read; on_readable below reads on.
+            want = conn.finish_read(payload, sent, 0)
         if want == READ:
             want = conn.on_readable(True)
         if want != conn.interest:
