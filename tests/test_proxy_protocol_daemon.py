@@ -12,7 +12,8 @@ a client already being served goes on being served; LOCAL is echoed with no
 client address; proxy_from changes on reload, proxy_protocol needs a restart;
 inherited (socket-activated) listeners expect the header too; without
 proxy_from the configuration is refused with exit status 78; waiting connections
-count towards max_connections and a stop closes them at once. What a single
+count towards max_connections and a stop closes them at once; a per-client limit
+switched on by a reload counts the clients the headers named. What a single
 connection goes through runs once per backend.
 """
 
@@ -408,4 +409,19 @@ def test_a_stop_closes_connections_waiting_for_a_header_at_once(proxied) -> None
     stopped = daemon.log.split("stopped: ")[-1]
     assert "shutdown 1" in stopped and "proxy 0" in stopped, stopped
     waiting.close()
+    no_errors(daemon)
+
+
+def test_a_per_client_limit_switched_on_by_reload_counts_header_clients(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(proxied_config(port))
+    connections = [held(port, v1("198.51.100.1")) for _ in range(2)]
+    daemon.write_config(proxied_config(port, max_connections_per_ip=2))
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait_for("READY", "1")
+    # Regrouped by the clients their headers named, not by the balancer's address.
+    assert not served(port, v1("198.51.100.1"))
+    assert served(port, v1("198.51.100.2"))
+    for sock in connections:
+        sock.close()
     no_errors(daemon)
