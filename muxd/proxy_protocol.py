@@ -31,7 +31,6 @@ per-client limits see one address per client whichever way it came.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Client = tuple[IPAddress, int]
@@ -52,17 +51,42 @@ _V2_ADDRESS_BLOCKS = {(1, 1): 12, (2, 1): 36}
 _IPV6_CHARACTERS = frozenset(b"0123456789abcdefABCDEF:.")
 
 
-@dataclass(frozen=True, slots=True)
 class Header:
-    client: Client | None
-    length: int  # bytes of the stream the header took
-    payload_start: int  # offset, in the piece that completed the header, of what follows it
-    version: int  # 1 or 2, for the log
+    """A complete header. Plain slots, not a dataclass: a dataclass compiles
+    code when the module is imported, and muxd imports its loop after binding."""
+
+    __slots__ = ("client", "length", "payload_start", "version")
+
+    def __init__(self, client: Client | None, length: int, payload_start: int,
+                 version: int) -> None:
+        self.client = client
+        self.length = length  # bytes of the stream the header took
+        self.payload_start = payload_start  # where, in the completing piece, the rest begins
+        self.version = version  # 1 or 2, for the log
+
+    def _fields(self) -> tuple[object, ...]:
+        return self.client, self.length, self.payload_start, self.version
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Header) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Header(client={!r}, length={!r}, payload_start={!r}, version={!r})".format(
+            *self._fields())
 
 
-@dataclass(frozen=True, slots=True)
 class Malformed:
-    reason: str
+    """Not a valid header; ``reason`` says why, for the log."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Malformed({self.reason!r})"
 
 
 class HeaderReader:
