@@ -43,6 +43,7 @@ import math
 import signal
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from muxd.admission import Admission
 from muxd.config import Config
@@ -51,13 +52,15 @@ from muxd.housekeeping import Housekeeping
 from muxd.listeners import Listener
 from muxd.notify import Notifier, watchdog_interval
 from muxd.pollers import READ, Poller
-from muxd.proxy_wait import HeaderWait
 from muxd.reload import Reload
 from muxd.report import Reporter
 from muxd.signals import SignalQueue
 from muxd.state import Shared
 from muxd.stopping import Stopping
 from muxd.udp import UdpEndpoint
+
+if TYPE_CHECKING:
+    from muxd.proxy_wait import HeaderWait
 
 logger = logging.getLogger("muxd")
 
@@ -87,13 +90,22 @@ class EchoServer:
         self._ready_listeners: list[Listener] = []
         self._signalled = False
         self.admission = Admission(shared)
-        self.header_wait = HeaderWait(shared, self.admission.admit_client, self._apply)
-        self.admission.header_wait = self.header_wait.take
+        flushes = [self.admission.flush_logs, shared.udp_guard.flush_log]
+        # proxy_protocol takes a restart, so the room exists for the life of
+        # the loop or not at all; imported only then, because muxd imports
+        # its loop after binding, while clients may already be waiting.
+        self.header_wait: HeaderWait | None = None
+        self._header_waiting: dict[int, object] = {}
+        if config.proxy_protocol:
+            from muxd.proxy_wait import HeaderWait
+
+            self.header_wait = HeaderWait(shared, self.admission.admit_client, self._apply)
+            self.admission.header_wait = self.header_wait.take
+            self._header_waiting = self.header_wait.waiting
+            flushes.append(self.header_wait.flush_logs)
         self.reporter = Reporter(shared)
         self.stopper = Stopping(shared, self._other_event)
-        self.housekeeping = Housekeeping(
-            shared, self.reporter, (self.admission.flush_logs, shared.udp_guard.flush_log,
-                                    self.header_wait.flush_logs))
+        self.housekeeping = Housekeeping(shared, self.reporter, flushes)
         self.reload = Reload(shared, self.housekeeping.schedule)
 
     # --- lifecycle -------------------------------------------------------
@@ -279,7 +291,7 @@ class EchoServer:
             self._udp_event(shared.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
-        elif fd in self.header_wait.waiting:
+        elif fd in self._header_waiting:
             self.header_wait.on_readable(fd)  # a PROXY header (proxy_wait.py)
         # else: a stale event for a connection closed earlier in this batch
 
@@ -297,7 +309,8 @@ class EchoServer:
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopper.begin(signal.Signals(signum).name)
-            self.header_wait.close_all()
+            if self.header_wait is not None:
+                self.header_wait.close_all()
             # Nothing more to read for echo, and nothing left to accept from.
             self._retry.clear()
             self._udp_retry.clear()
@@ -316,7 +329,8 @@ class EchoServer:
     def _close_everything(self) -> None:
         shared = self.shared
         shared.close_all()
-        self.header_wait.close_all()
+        if self.header_wait is not None:
+            self.header_wait.close_all()
         for listener in list(shared.listeners.values()):
             shared.close_listener(listener)
         shared.close_udp()
