@@ -80,13 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile(config.nofile)
 
     workers = config.workers > 1
+    sockets = None
     try:
         # Workers bind their own SO_REUSEPORT sockets after the fork; only
         # inherited ones are taken here, before the environment is cleared.
         sockets = _inherited_sockets() if workers else _open_sockets(config)
         if workers and sockets is None:
             check_unserved(config.listen, config.udp)
+        metrics_sockets = _metrics_sockets(config)
     except ListenerError as err:
+        if sockets:
+            for item in (*sockets[0], *sockets[1]):
+                item.sock.close()
         logger.error("%s", err)
         return err.exit_status
 
@@ -94,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach:
         from muxd.detach import DetachError, detach
 
-        held = [] if sockets is None else [
+        held = [*metrics_sockets] if sockets is None else [
             *(listener.sock for listener in sockets[0]),
             *(endpoint.sock for endpoint in sockets[1]),
+            *metrics_sockets,
         ]
         try:
             context, report = detach(args.pidfile, [sock.fileno() for sock in held])
@@ -117,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         if workers:
             from muxd.supervisor import Supervisor
 
-            status = Supervisor(config, args.config, sockets, notifier, hooks).run()
+            status = Supervisor(config, args.config, sockets, notifier, hooks,
+                                metrics_sockets=metrics_sockets).run()
             return status
         from muxd.loop import EchoServer
 
         listeners, udp_endpoints = sockets
         server = EchoServer(config, args.config, listeners, create_poller(config.backend),
-                            notifier, udp_endpoints=udp_endpoints, test_hooks=hooks)
+                            notifier, udp_endpoints=udp_endpoints, test_hooks=hooks,
+                            metrics_sockets=metrics_sockets)
         status = server.run()
         return status
     finally:
@@ -165,3 +173,12 @@ def _open_sockets(config: Config) -> tuple[list[Listener], list[UdpEndpoint]]:
         for listener in listeners:
             listener.sock.close()
         raise
+
+
+def _metrics_sockets(config: Config) -> list[socket.socket]:
+    """The metrics endpoint's listeners ([metrics] listen), bound by muxd itself
+    even under socket activation; one set for the whole service."""
+    try:
+        return [listener.sock for listener in bind_listeners(config.metrics_listen, 64)]
+    except ListenerError as err:
+        raise ListenerError(f"[metrics] {err}", err.exit_status) from None

@@ -1,8 +1,12 @@
-"""Configuration: the INI schema, its defaults, and strict validation.
+"""Configuration: reading the file, the INI schema, its defaults, and strict
+validation. It changes nothing: it returns a frozen Config or raises
+ConfigError.
 
-Every error names the file, section, key, the offending value and what was
-expected, because the operator reading it is usually looking at
-``journalctl`` and not at our source.
+Every error names the file, section, key, the offending value (cut to a
+readable length) and what was expected, because the operator reading it is
+usually looking at ``journalctl`` and not at our source. The daemon's reload
+calls ``load_config`` too, so reading is bounded in time and memory whatever
+the path has become (a FIFO, a device, a huge file).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ MAX_ADDRESSES = 64  # in one listen or udp list
 # Fields a running daemon cannot change (its sockets and processes are made at
 # start): a reload that changes one keeps the running value and says so.
 # proxy_protocol is what every listener speaks (README, "Behind a load balancer").
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "proxy_protocol")
+RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "metrics_listen",
+                       "proxy_protocol")
 
 
 def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
@@ -115,6 +120,7 @@ class Config:
     udp_total_rate: float = 10000.0
     allow: tuple[IPNetwork, ...] = ()
     deny: tuple[IPNetwork, ...] = ()
+    metrics_listen: tuple[Address, ...] = ()
     proxy_protocol: bool = False
     proxy_from: tuple[IPNetwork, ...] = ()
     source: str = BUILTIN_SOURCE
@@ -334,6 +340,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("access", "deny"): ("deny", parse_networks),
     ("logging", "level"): ("log_level", _choice("debug", "info", "warning", "error")),
     ("logging", "connections"): ("log_connections", _boolean),
+    ("metrics", "listen"): ("metrics_listen", parse_optional_addresses),
 }
 SECTIONS = tuple(dict.fromkeys(section for section, _ in SCHEMA))
 

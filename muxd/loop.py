@@ -3,8 +3,8 @@ signals, timers and systemd together.
 
 Order of work in one turn, and why:
 
-1. Wait for readiness (timeout: the next timer, or 0 when a connection was
-   promised another turn).
+1. Wait for readiness (timeout: the next timer, or 0 when a connection, a
+   UDP endpoint or a listener was promised another turn).
 2. Dispatch every connection event. Closing happens here; *accepting does
    not*. Because no new descriptor is created while a batch is dispatched, a
    descriptor number closed by one event cannot be reused by a new connection
@@ -32,6 +32,9 @@ and which never calls the loop back except through what it was handed:
 * ``reload.py``: apply a new configuration (SIGHUP);
 * ``housekeeping.py``: the idle sweep and log flushing;
 * ``report.py``: counters, STATUS=, READY=1, WATCHDOG=1, descriptions;
+* ``figures.py``: the metrics endpoint (or a worker's line to its
+  supervisor), and the figures it gathers from the shared state at scrape
+  time; the loop hands it the events of its descriptors;
 * ``state.py``: what they all share (connection table, poller, timers,
   counters) and ``Shared.close``, the one way a connection ends.
 """
@@ -41,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -75,6 +79,8 @@ class EchoServer:
         notifier: Notifier,
         udp_endpoints: Sequence[UdpEndpoint] = (),
         test_hooks: frozenset[str] = frozenset(),
+        metrics_sockets: Sequence[socket.socket] = (),
+        metrics_channel: socket.socket | None = None,
     ) -> None:
         self.shared = shared = Shared(config, config_path, listeners, udp_endpoints, poller,
                                       notifier, time.monotonic())
@@ -107,6 +113,13 @@ class EchoServer:
         self.stopper = Stopping(shared, self._other_event)
         self.housekeeping = Housekeeping(shared, self.reporter, flushes)
         self.reload = Reload(shared, self.housekeeping.schedule)
+        self.metrics = None
+        if metrics_sockets or metrics_channel is not None:
+            # Imported only here: a daemon that serves no metrics never loads
+            # h11 and the exposition code, nor spends its start-up on them.
+            from muxd.figures import MetricsRoom
+
+            self.metrics = MetricsRoom(shared, self.reload, metrics_sockets, metrics_channel)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -116,6 +129,8 @@ class EchoServer:
         for fd in [*shared.listeners, *shared.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
+        if self.metrics is not None:
+            self.metrics.start()
         self.housekeeping.schedule()
         interval = watchdog_interval()
         if interval is not None:
@@ -293,6 +308,8 @@ class EchoServer:
             self._signalled = True
         elif fd in self._header_waiting:
             self.header_wait.on_readable(fd)  # a PROXY header (proxy_wait.py)
+        elif self.metrics is not None and self.metrics.owns(fd):
+            self.metrics.on_event(fd)
         # else: a stale event for a connection closed earlier in this batch
 
     def _udp_event(self, endpoint: UdpEndpoint) -> None:
@@ -308,6 +325,8 @@ class EchoServer:
 
     def _on_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.metrics is not None:
+                self.metrics.close()
             self.stopper.begin(signal.Signals(signum).name)
             if self.header_wait is not None:
                 self.header_wait.close_all()
@@ -328,6 +347,8 @@ class EchoServer:
 
     def _close_everything(self) -> None:
         shared = self.shared
+        if self.metrics is not None:
+            self.metrics.close()
         shared.close_all()
         if self.header_wait is not None:
             self.header_wait.close_all()

@@ -20,9 +20,10 @@ an idle client costs, for seconds instead of ``idle_timeout``.
 
 Of the shared state it may: register its waiting descriptors in the poller
 (and unregister them), add a connection it has admitted to the connection
-table and the per-client counts (as admission does), add to the refusal
-counts (``Close.PROXY``; ``Close.SHUTDOWN`` when the daemon stops), and set a
-timer for its sweep. It reads the configuration at each use, so a reload's
+table and the per-client counts (as admission does), set the connection's
+``origin`` to its listener's tally, add to the refusal counts and the tally's
+(``Close.PROXY``, by rule ``proxy_from`` or ``proxy_header``; ``Close.SHUTDOWN``
+when the daemon stops), and set a timer for its sweep. It reads the configuration at each use, so a reload's
 ``proxy_from`` applies to the next connection.
 """
 
@@ -38,7 +39,7 @@ from muxd.listeners import Listener
 from muxd.logs import RateLimitedLog
 from muxd.pollers import READ, FdOutOfRange
 from muxd.proxy_protocol import Header, HeaderReader
-from muxd.state import Shared, peer_name
+from muxd.state import ListenerTally, Shared, peer_name
 from muxd.timers import Timer
 
 logger = logging.getLogger("muxd")
@@ -49,23 +50,27 @@ SWEEP_INTERVAL = 0.5
 
 
 class _Waiting:
-    __slots__ = ("sock", "fd", "peer", "listener", "reader", "since")
+    __slots__ = ("sock", "fd", "peer", "listener", "tally", "reader", "since")
 
-    def __init__(self, sock: socket.socket, peer: tuple, listener: str, now: float) -> None:
+    def __init__(self, sock: socket.socket, peer: tuple, listener: str, tally: ListenerTally,
+                 now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer  # the balancer's address
         self.listener = listener
+        self.tally = tally  # the listener's, for the metrics
         self.reader = HeaderReader()
         self.since = now
 
 
 class HeaderWait:
-    def __init__(self, shared: Shared, admit: Callable[[socket.socket, object], object],
+    def __init__(self, shared: Shared,
+                 admit: Callable[[socket.socket, object, ListenerTally], object],
                  apply: Callable[[Connection, int], None]) -> None:
-        """``admit(sock, peer)``: admission's verdict on a client (its per-client
-        group, None, or False when it refused and closed ``sock``); ``apply(conn,
-        want)``: the loop's way to act on what a connection wants next."""
+        """``admit(sock, peer, tally)``: admission's verdict on a client (its
+        per-client group, None, or False when it refused, counted and closed
+        ``sock``); ``apply(conn, want)``: the loop's way to act on what a
+        connection wants next."""
         self.shared = shared
         self._admit = admit
         self._apply = apply
@@ -82,12 +87,13 @@ class HeaderWait:
         """A new connection on a listener that expects the header."""
         shared = self.shared
         config = shared.config
+        tally = shared.tallies[listener.fd]
         if not self._trusted(peer):
             host = peer[0] if isinstance(peer, tuple) and peer else "a non-IP peer"
-            self._refuse(sock, "proxy_from", f"{host} is not in proxy_from")
+            self._refuse(sock, tally, "proxy_from", f"{host} is not in proxy_from")
             return
         if len(shared.conns) + len(self.waiting) >= config.max_connections:
-            self._refuse(sock, "max_connections",
+            self._refuse(sock, tally, "max_connections",
                          f"max_connections ({config.max_connections}) reached", Close.LIMIT)
             return
         fd = sock.fileno()
@@ -98,9 +104,11 @@ class HeaderWait:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             shared.poller.register(fd, READ)
         except (OSError, FdOutOfRange) as err:
-            self._refuse(sock, "watch", f"cannot watch a new connection: {err}", Close.LIMIT)
+            self._refuse(sock, tally, "cannot_watch", f"cannot watch a new connection: {err}",
+                         Close.LIMIT)
             return
-        self.waiting[fd] = _Waiting(sock, peer, listener.name, shared.now)  # type: ignore[arg-type]
+        self.waiting[fd] = _Waiting(sock, peer, listener.name, tally,  # type: ignore[arg-type]
+                                    shared.now)
         if self._sweep is None:
             self._sweep = shared.timers.call_at(shared.now + SWEEP_INTERVAL, self._expire)
 
@@ -153,19 +161,21 @@ class HeaderWait:
         # Out of the waiting room and through admission's door like any new
         # connection, judged as the client the header names.
         shared.poller.unregister(fd)
-        group = self._admit(sock, None if client is None else peer)
+        group = self._admit(sock, None if client is None else peer, waiting.tally)
         if group is False:
             return
         try:
             shared.poller.register(fd, READ)
         except (OSError, FdOutOfRange) as err:
-            self._refuse(sock, "watch", f"cannot watch a new connection: {err}", Close.LIMIT)
+            self._refuse(sock, waiting.tally, "cannot_watch",
+                         f"cannot watch a new connection: {err}", Close.LIMIT)
             return
         # The connection keeps the client's address (a tuple and a string per
         # connection, as with [logging] connections) for the log and for a
         # reload's regrouping, which cannot ask the socket for it.
         conn = Connection(sock, peer, shared.config.buffer_size, shared.now)
         shared.conns[fd] = conn
+        conn.origin = waiting.tally
         if group is not None:
             conn.group = group
             shared.per_client[group] = shared.per_client.get(group, 0) + 1
@@ -216,22 +226,28 @@ class HeaderWait:
         self._sweep = shared.timers.call_at(shared.now + SWEEP_INTERVAL, self._expire) \
             if self.waiting else None
 
-    def _drop(self, waiting: _Waiting, kind: str, why: str) -> None:
+    def _drop(self, waiting: _Waiting, log_kind: str, why: str) -> None:
+        """No valid header: the connection is refused (``proxy_header``), its
+        log line rate-limited by ``log_kind`` (malformed, eof, timeout ...)."""
         del self.waiting[waiting.fd]
         try:
             self.shared.poller.unregister(waiting.fd)
         except (OSError, KeyError):
             pass
-        self._refuse(waiting.sock, kind,
-                     f"refused a connection from {peer_name(waiting.peer)}: {why}")
+        self._refuse(waiting.sock, waiting.tally, "proxy_header",
+                     f"refused a connection from {peer_name(waiting.peer)}: {why}",
+                     log_kind=log_kind)
 
-    def _refuse(self, sock: socket.socket, kind: str, why: str,
-                reason: Close = Close.PROXY) -> None:
+    def _refuse(self, sock: socket.socket, tally: ListenerTally, kind: str, why: str,
+                reason: Close = Close.PROXY, log_kind: str | None = None) -> None:
+        """Close ``sock``, counted under ``reason`` and (for the metrics) ``kind``."""
         self.shared.counters.closed[reason] += 1
+        tally.refuse(kind, reason)
         sock.close()
-        log = self._refusals.get(kind)
+        log_kind = log_kind or kind
+        log = self._refusals.get(log_kind)
         if log is None:
-            log = self._refusals[kind] = RateLimitedLog(logging.WARNING)
+            log = self._refusals[log_kind] = RateLimitedLog(logging.WARNING)
         log.log(why if why.startswith("refused") else f"refused a connection: {why}")
 
     def close_all(self) -> None:
@@ -244,6 +260,7 @@ class HeaderWait:
                 pass
             waiting.sock.close()
             self.shared.counters.closed[Close.SHUTDOWN] += 1
+            waiting.tally.closed[Close.SHUTDOWN] += 1
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

@@ -13,7 +13,9 @@ object instead of on each other. It holds:
 * the poller, the timers and the notifier, which every room may use;
 * the configuration and what is derived from it (``access``, ``udp_guard``),
   which only reload replaces;
-* the counters, which admission and ``close`` add to and report reads;
+* the counters, and each listener's tally (``tallies``, by listener fd: the
+  metrics' per-listener figures), which admission and ``close`` add to and
+  report and figures read; a connection's ``origin`` is its listener's tally;
 * ``stopping``, which only stopping sets, and ``now``, the loop's clock
   reading for the current turn, which only the loop sets.
 
@@ -51,6 +53,24 @@ class Counters:
         return self.closed[Close.LIMIT] + self.closed[Close.ACCESS] + self.closed[Close.PROXY]
 
 
+class ListenerTally:
+    """One listener's connections since the start (the metrics' per-listener figures)."""
+
+    __slots__ = ("name", "accepted", "closed", "refused", "bytes_in", "bytes_out")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.accepted = 0
+        self.closed = dict.fromkeys(Close, 0)
+        self.refused: dict[str, int] = {}  # by the rule that refused: "max_connections" ...
+        self.bytes_in = 0  # of closed connections; live ones are added when gathered
+        self.bytes_out = 0
+
+    def refuse(self, kind: str, reason: Close, count: int = 1) -> None:
+        self.closed[reason] += count
+        self.refused[kind] = self.refused.get(kind, 0) + count
+
+
 class Shared:
     def __init__(
         self,
@@ -75,6 +95,7 @@ class Shared:
         self.conns: dict[int, Connection] = {}
         self.per_client: dict[object, int] = {}  # connections held per client group
         self.counters = Counters()
+        self.tallies = {listener.fd: ListenerTally(listener.name) for listener in listeners}
         self.stopping = False
         self.now = now
 
@@ -99,6 +120,11 @@ class Shared:
         counters.closed[Close(reason)] += 1
         counters.bytes_in += conn.bytes_in
         counters.bytes_out += conn.bytes_out
+        tally = conn.origin
+        if tally is not None:
+            tally.closed[reason] += 1
+            tally.bytes_in += conn.bytes_in
+            tally.bytes_out += conn.bytes_out
         if self.config.log_connections:
             logger.info("disconnect %s (%s): %d bytes in, %d echoed",
                         peer_name(conn.peer), Close(reason).name.lower(),
