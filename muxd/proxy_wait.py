@@ -23,8 +23,9 @@ Of the shared state it may: register its waiting descriptors in the poller
 table and the per-client counts (as admission does), set the connection's
 ``origin`` to its listener's tally, add to the refusal counts and the tally's
 (``Close.PROXY``, by rule ``proxy_from`` or ``proxy_header``; ``Close.SHUTDOWN``
-when the daemon stops), and set a timer for its sweep. It reads the configuration at each use, so a reload's
-``proxy_from`` applies to the next connection.
+when the daemon stops), and set a timer for its sweep. It reads the
+configuration at each use, so a reload's ``proxy_from`` applies to the next
+connection.
 """
 
 from __future__ import annotations
