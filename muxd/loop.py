@@ -26,6 +26,8 @@ that order; every other concern has a room of its own, which the loop calls
 and which never calls the loop back except through what it was handed:
 
 * ``admission.py``: accept, admit or refuse, out of descriptors;
+* ``proxy_wait.py``: with ``proxy_protocol``, connections waiting for their
+  PROXY header, which reach it through the dispatch of other descriptors;
 * ``stopping.py``: the graceful stop (drain, linger, deadline);
 * ``reload.py``: apply a new configuration (SIGHUP);
 * ``housekeeping.py``: the idle sweep and log flushing;
@@ -45,6 +47,7 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from muxd.admission import Admission
 from muxd.config import Config
@@ -59,6 +62,9 @@ from muxd.signals import SignalQueue
 from muxd.state import Shared
 from muxd.stopping import Stopping
 from muxd.udp import UdpEndpoint
+
+if TYPE_CHECKING:
+    from muxd.proxy_wait import HeaderWait
 
 logger = logging.getLogger("muxd")
 
@@ -90,10 +96,22 @@ class EchoServer:
         self._ready_listeners: list[Listener] = []
         self._signalled = False
         self.admission = Admission(shared)
+        flushes = [self.admission.flush_logs, shared.udp_guard.flush_log]
+        # proxy_protocol takes a restart, so the room exists for the life of
+        # the loop or not at all; imported only then, because muxd imports
+        # its loop after binding, while clients may already be waiting.
+        self.header_wait: HeaderWait | None = None
+        self._header_waiting: dict[int, object] = {}
+        if config.proxy_protocol:
+            from muxd.proxy_wait import HeaderWait
+
+            self.header_wait = HeaderWait(shared, self.admission.admit_client, self._apply)
+            self.admission.header_wait = self.header_wait.take
+            self._header_waiting = self.header_wait.waiting
+            flushes.append(self.header_wait.flush_logs)
         self.reporter = Reporter(shared)
         self.stopper = Stopping(shared, self._other_event)
-        self.housekeeping = Housekeeping(
-            shared, self.reporter, (self.admission.flush_logs, shared.udp_guard.flush_log))
+        self.housekeeping = Housekeeping(shared, self.reporter, flushes)
         self.reload = Reload(shared, self.housekeeping.schedule)
         self.metrics = None
         if metrics_sockets or metrics_channel is not None:
@@ -288,6 +306,8 @@ class EchoServer:
             self._udp_event(shared.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
+        elif fd in self._header_waiting:
+            self.header_wait.on_readable(fd)  # a PROXY header (proxy_wait.py)
         elif self.metrics is not None and self.metrics.owns(fd):
             self.metrics.on_event(fd)
         # else: a stale event for a connection closed earlier in this batch
@@ -308,6 +328,8 @@ class EchoServer:
             if self.metrics is not None:
                 self.metrics.close()
             self.stopper.begin(signal.Signals(signum).name)
+            if self.header_wait is not None:
+                self.header_wait.close_all()
             # Nothing more to read for echo, and nothing left to accept from.
             self._retry.clear()
             self._udp_retry.clear()
@@ -328,6 +350,8 @@ class EchoServer:
         if self.metrics is not None:
             self.metrics.close()
         shared.close_all()
+        if self.header_wait is not None:
+            self.header_wait.close_all()
         for listener in list(shared.listeners.values()):
             shared.close_listener(listener)
         shared.close_udp()

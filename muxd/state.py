@@ -50,7 +50,7 @@ class Counters:
 
     @property
     def refused(self) -> int:
-        return self.closed[Close.LIMIT] + self.closed[Close.ACCESS]
+        return self.closed[Close.LIMIT] + self.closed[Close.ACCESS] + self.closed[Close.PROXY]
 
 
 class ListenerTally:
