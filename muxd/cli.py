@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
 
 from muxd import __version__
-from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, Config, ConfigError, load_config
-from muxd.listeners import Listener, ListenerError, bind_listeners, describe, inherited_sockets
+from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, Address, Config, ConfigError, load_config
+from muxd.fdstore import FdStore, Received, drop, received, release, store_capacity
+from muxd.handover import LISTENER_NAME, Inheritance, sort_inherited
+from muxd.listeners import Listener, ListenerError, bind_listeners, describe
 from muxd.logs import logger, set_level, setup_logging, stderr_is_journal
 from muxd.notify import Notifier
 from muxd.pollers import create_poller
@@ -67,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile(config.nofile)
 
     workers = config.workers > 1
+    handover = _handover_setup(config, workers)
     try:
         # Workers bind their own SO_REUSEPORT sockets after the fork; only
         # inherited ones are taken here, before the environment is cleared.
-        sockets = _inherited_sockets() if workers else _open_sockets(config)
+        sockets = _inherited_sockets(handover) if workers else _open_sockets(config, handover)
     except ListenerError as err:
         logger.error("%s", err)
         return err.exit_status
@@ -101,42 +105,142 @@ def main(argv: list[str] | None = None) -> int:
 
         listeners, udp_endpoints = sockets
         server = EchoServer(config, args.config, listeners, create_poller(config.backend),
-                            notifier, udp_endpoints=udp_endpoints, test_hooks=hooks)
+                            notifier, udp_endpoints=udp_endpoints, test_hooks=hooks,
+                            store=handover.store if handover.enabled else None,
+                            store_capacity=handover.capacity,
+                            stored_listeners=handover.stored_listeners,
+                            inheritance=handover.inheritance)
         return server.run()
     finally:
         notifier.close()
+        if handover.store is not None:
+            handover.store.close()
         if context is not None:
             context.close()
 
 
-def _inherited_sockets() -> tuple[list[Listener], list[UdpEndpoint]] | None:
+class _HandoverSetup:
+    """What systemd passed in (socket units, the store) and whether hand-over is on."""
+
+    def __init__(self, enabled: bool, store: FdStore | None, capacity: int,
+                 items: list[Received] | None) -> None:
+        self.enabled = enabled
+        self.store = store
+        self.capacity = capacity
+        self.items = items
+        self.inheritance: Inheritance | None = None
+        self.stored_listeners: list[Listener] = []
+
+
+def _handover_setup(config: Config, workers: bool) -> _HandoverSetup:
+    notify_socket = os.environ.get("NOTIFY_SOCKET", "")
+    capacity = store_capacity() if notify_socket else 0
+    enabled = config.handover and capacity > 0 and not workers
+    if config.handover and capacity > 0 and workers:
+        logger.warning("hand-over is off with workers > 1: a restart closes every connection")
+    items = received()
+    store = None
+    if notify_socket and (enabled or items):
+        try:
+            store = FdStore(notify_socket)
+        except OSError as err:
+            logger.warning("cannot reach NOTIFY_SOCKET for the file descriptor store: %s", err)
+            enabled = False
+    return _HandoverSetup(enabled, store, capacity, items)
+
+
+def _inherited_sockets(handover: _HandoverSetup) -> tuple[list[Listener],
+                                                           list[UdpEndpoint]] | None:
     """TCP listeners and UDP endpoints passed by systemd socket activation
-    (the config's addresses are then not bound), or None when not activated."""
-    inherited = inherited_sockets()
-    if inherited is None:
+    (the config's addresses are then not bound), or None when not activated.
+    Connections and listeners from the store are sorted out into
+    ``handover.inheritance`` (and closed when hand-over is off)."""
+    items = handover.items
+    if items is None:
         return None
-    if not inherited:
+    if not items:
         raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)")
+    inheritance = handover.inheritance = sort_inherited(items, handover.store)
+    if not handover.enabled:
+        if inheritance.connections:
+            logger.warning("closed %d connection(s) handed over by the previous process: "
+                           "hand-over is off here", len(inheritance.connections))
+        for item in inheritance.connections:
+            _release(item)
+        for item in inheritance.own_listeners:
+            drop(item, "hand-over is off")
+        inheritance.connections.clear()
+        inheritance.own_listeners.clear()
+    if not inheritance.socket_unit:
+        return None
+    for item in inheritance.own_listeners:
+        drop(item, "a socket unit passes the listeners now")
+    inheritance.own_listeners.clear()
     listeners, endpoints = [], []
-    for sock, label in inherited:
-        if sock.type == socket.SOCK_DGRAM:
-            endpoints.append(inherited_endpoint(sock, label))
+    for item in inheritance.socket_unit:
+        sock = socket.socket(fileno=item.fd)
+        sock.setblocking(False)
+        if item.kind == "datagram":
+            endpoints.append(inherited_endpoint(sock, item.name))
         else:
-            listeners.append(Listener(sock, f"{describe(sock)} ({label})"))
+            listeners.append(Listener(sock, f"{describe(sock)} ({item.name})"))
     logger.info("socket activation: %d inherited socket(s); [server] listen and udp are not "
-                "used", len(inherited))
+                "used", len(inheritance.socket_unit))
     return listeners, endpoints
 
 
-def _open_sockets(config: Config) -> tuple[list[Listener], list[UdpEndpoint]]:
-    """Inherited sockets, else those bound from the configuration."""
-    inherited = _inherited_sockets()
+def _release(item: Received) -> None:
+    sock = socket.socket(fileno=item.fd)
+    release(sock)
+    sock.close()
+
+
+def _open_sockets(config: Config, handover: _HandoverSetup
+                  ) -> tuple[list[Listener], list[UdpEndpoint]]:
+    """Inherited sockets, else those bound from the configuration (keeping the
+    listeners of the previous process that are still in ``listen``)."""
+    inherited = _inherited_sockets(handover)
     if inherited is not None:
         return inherited
-    listeners = bind_listeners(config.listen, config.backlog)
-    try:
-        return listeners, bind_udp(config.udp)
-    except ListenerError:
+    kept: list[Listener] = []
+    inheritance = handover.inheritance
+    if inheritance is not None:
+        wanted = set(config.listen)
+        for item in inheritance.own_listeners:
+            sock = socket.socket(fileno=item.fd)
+            address = _address_of(sock)
+            if address in wanted:
+                wanted.discard(address)
+                sock.setblocking(False)
+                sock.listen(config.backlog)  # a changed backlog applies to a kept listener
+                kept.append(Listener(sock, str(address)))
+            else:
+                sock.detach()
+                drop(item, f"its address {address} is no longer in [server] listen")
+        inheritance.own_listeners = [item for item in inheritance.own_listeners
+                                     if any(k.fd == item.fd for k in kept)]
+    fresh = [address for address in config.listen
+             if address not in {_address_of(listener.sock) for listener in kept}]
+    listeners = bind_listeners(tuple(fresh), config.backlog)
+    if handover.enabled and handover.store is not None:
         for listener in listeners:
+            handover.store.store_now(listener.fd, LISTENER_NAME)
+        handover.stored_listeners = [*kept, *listeners]
+    by_address = {_address_of(listener.sock): listener for listener in [*kept, *listeners]}
+    ordered = [by_address[address] for address in config.listen if address in by_address]
+    try:
+        return ordered, bind_udp(config.udp)
+    except ListenerError:
+        for listener in ordered:
             listener.sock.close()
         raise
+
+
+def _address_of(sock: socket.socket) -> Address | None:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    if not isinstance(name, tuple):
+        return None
+    return Address(str(ipaddress.ip_address(name[0])), name[1])

@@ -86,6 +86,7 @@ class Config:
     log_level: str = "info"
     log_connections: bool = False
     udp: tuple[Address, ...] = ()
+    handover: bool = True
     max_connections_per_ip: int = 0
     ipv6_prefix: int = 64
     udp_rate: float = 100.0
@@ -257,6 +258,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("server", "backlog"): ("backlog", _int_in(1, 65535)),
     ("server", "udp"): ("udp", parse_optional_addresses),
     ("server", "workers"): ("workers", _workers),
+    ("server", "handover"): ("handover", _boolean),
     ("limits", "nofile"): ("nofile", _int_in(64, 1 << 20)),
     ("limits", "max_connections"): ("max_connections", _int_in(1, 1 << 20)),
     ("limits", "idle_timeout"): ("idle_timeout", _seconds(86400 * 365)),

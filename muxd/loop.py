@@ -32,9 +32,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
+from muxd import __version__
 from muxd.access import AccessPolicy, client_address, client_group
 from muxd.config import Config, ConfigError, changed_fields, load_config
 from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection
+from muxd.fdstore import FdStore
+from muxd.handover import RESTART_SIGNAL, HandOver, Inheritance, describe_takeover
 from muxd.listeners import Listener
 from muxd.logs import RateLimitedLog, set_level
 from muxd.notify import Notifier, watchdog_interval
@@ -53,7 +56,7 @@ _CLIENT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
 _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_RETRY_DELAY = 0.1
 LINGER_CHECK = 0.05  # while stopping: how often to look whether a peer has acknowledged all
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp")
+RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "handover")
 
 
 class Counters:
@@ -89,6 +92,10 @@ class EchoServer:
         notifier: Notifier,
         udp_endpoints: Sequence[UdpEndpoint] = (),
         test_hooks: frozenset[str] = frozenset(),
+        store: FdStore | None = None,
+        store_capacity: int = 0,
+        stored_listeners: Sequence[Listener] = (),
+        inheritance: Inheritance | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -116,6 +123,15 @@ class EchoServer:
         self._reported_status = ""
         self._refusals: dict[str, RateLimitedLog] = {}
         self._fd_exhaustion = RateLimitedLog(logging.ERROR)
+        # Hand-over (handover.py): None unless systemd gave us a store.
+        self.handover: HandOver | None = None
+        self._stored_listeners = {listener.fd for listener in stored_listeners}
+        self._inheritance = inheritance
+        self._handed_over = False
+        if store is not None:
+            self.handover = HandOver(
+                store, store_capacity, len(self._stored_listeners),
+                lambda delay, work: self.timers.call_at(self._now + delay, work))
 
     # --- lifecycle -------------------------------------------------------
 
@@ -124,6 +140,7 @@ class EchoServer:
         for fd in [*self.listeners, *self.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
+        self._take_over()
         self._schedule_housekeeping()
         interval = watchdog_interval()
         if interval is not None:
@@ -140,8 +157,32 @@ class EchoServer:
             self._run_until_stopped()
         finally:
             self._close_everything()
-        logger.info("stopped: %s", self.counters.describe([]))
+        if self._handed_over:
+            logger.info("stopped for the restart: %s", self.counters.describe([]))
+        else:
+            logger.info("stopped: %s", self.counters.describe([]))
         return 0
+
+    def _take_over(self) -> None:
+        inheritance, self._inheritance = self._inheritance, None
+        if self.handover is None or inheritance is None:
+            return
+        adopted = self.handover.adopt(inheritance, self.config.buffer_size,
+                                      self.config.log_connections, self._now)
+        for conn in adopted:
+            want = conn._wanted()
+            if want < 0:  # finished in the old process's last turn: only the close is left
+                self.conns[conn.fd] = conn
+                self._close(conn, want)
+                continue
+            self.poller.register(conn.fd, want)
+            conn.interest = want
+            self.conns[conn.fd] = conn
+        if self.config.max_connections_per_ip:
+            self._regroup_clients()
+        if inheritance.state is not None or adopted or inheritance.own_listeners:
+            logger.info("%s", describe_takeover(adopted, len(inheritance.own_listeners),
+                                                inheritance.state))
 
     # --- the hot path ----------------------------------------------------
 
@@ -249,9 +290,13 @@ class EchoServer:
                 ready, self._ready_listeners = self._ready_listeners, []
                 for listener in ready:
                     self._accept(listener)
+                if self.handover is not None:
+                    self.handover.flush()  # one store message per accepting turn
             if self._signalled:
                 self._signalled = False
-                for signum in self.signals.take():
+                # The stop hook's restart signal first: with SIGTERM right
+                # behind it, both can be taken in one go, in number order.
+                for signum in sorted(self.signals.take(), key=RESTART_SIGNAL.__ne__):
                     self._on_signal(signum)
             if now >= timers.next_due:
                 timers.run_due(now)
@@ -349,6 +394,8 @@ class EchoServer:
                 self._refuse(sock, f"cannot watch a new connection: {err}")
                 continue
             conns[fd] = conn
+            if self.handover is not None:
+                self.handover.track(conn)
             if group is not None:
                 conn.group = group
                 self._per_client[group] = self._per_client.get(group, 0) + 1
@@ -453,6 +500,8 @@ class EchoServer:
             self.poller.unregister(fd)
         except (OSError, KeyError):
             pass
+        if self.handover is not None:
+            self.handover.forget(conn)
         conn.sock.close()
         counters = self.counters
         counters.closed[Close(reason)] += 1
@@ -481,6 +530,8 @@ class EchoServer:
             self.poller.unregister(listener.fd)
         except (OSError, KeyError):
             pass  # not registered while accepting is paused
+        if self.handover is not None and listener.fd in self._stored_listeners:
+            self.handover.forget_listener(listener.sock)
         listener.sock.close()
 
     def _close_udp(self) -> None:
@@ -492,7 +543,13 @@ class EchoServer:
     # --- signals ---------------------------------------------------------
 
     def _on_signal(self, signum: int) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        if signum == RESTART_SIGNAL:
+            if self.handover is not None:
+                self.handover.arm(self._now)
+        elif signum == signal.SIGTERM and self.handover is not None \
+                and self.handover.restarting(self._now) and not self.stopping:
+            self._hand_over()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
             self._shutdown(signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
             self._reload()
@@ -527,6 +584,36 @@ class EchoServer:
             # Ask systemd for the drain time on top of its own stop timeout.
             self.notifier.send(f"EXTEND_TIMEOUT_USEC={int((timeout + 5) * 1e6)}")
             self.timers.call_at(self._now + timeout, self._shutdown_deadline)
+
+    def _hand_over(self) -> None:
+        """SIGTERM of a restart: leave every connection in the store for the next
+        process, with the state it needs, and exit without closing any."""
+        assert self.handover is not None
+        self.stopping = True
+        self.notifier.send("STOPPING=1", "STATUS=restarting: handing connections over")
+        for listener in list(self.listeners.values()):
+            if listener.fd not in self._stored_listeners:
+                self._close_listener(listener)  # a socket unit's: systemd holds it
+        self._close_udp()
+        self._retry.clear()
+        unstored = self.handover.hand_over(self.conns.values(), len(self._stored_listeners),
+                                           __version__)
+        for conn in unstored:
+            # Not in the store: closed at once, echo sent as far as the socket takes it.
+            if conn.pending:
+                conn.on_writable()
+            conn.discard_input()
+            self._close(conn, Close.SHUTDOWN)
+        self._handed_over = True
+        for conn in self.conns.values():
+            # Our copy only: the store keeps the connection open.
+            self.handover.forget(conn)
+            self.poller.unregister(conn.fd)
+            conn.sock.close()
+        self.conns.clear()
+        self._per_client.clear()
+        for listener in list(self.listeners.values()):
+            self._close_listener(listener)
 
     def _dispatch_stopping(self, events: list[tuple[int, int]], now: float) -> None:
         """Dispatch while stopping: no more echo; flush what is pending while
@@ -701,6 +788,8 @@ class EchoServer:
         counters = self.counters
         if counters.accepted:
             status += f"; {counters.accepted} accepted, {counters.refused} refused"
+        if self.handover is not None and self.handover.taken_over:
+            status += f"; {self.handover.taken_over} taken over at start"
         guard = self.udp_guard
         if guard.echoed or guard.dropped:
             status += f"; UDP {guard.echoed} echoed, {sum(guard.dropped.values())} dropped"

@@ -14,7 +14,8 @@ import signal
 import socket
 from types import FrameType
 
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+           signal.SIGURG)  # SIGURG: the stop hook says "restart" (handover.py)
 
 
 class SignalQueue:
