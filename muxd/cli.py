@@ -10,16 +10,25 @@ import sys
 
 from muxd import __version__
 from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, Address, Config, ConfigError, load_config
-from muxd.fdstore import FdStore, Received, drop, received, release, store_capacity
-from muxd.handover import LISTENER_NAME, Inheritance, sort_inherited
-from muxd.listeners import Listener, ListenerError, bind_listeners, describe
+from muxd.fdstore import FdStore, Received, classify, drop, release, store_capacity
+from muxd.handover import LISTENER_NAME, Inheritance, is_store_name, sort_inherited
+from muxd.listeners import (
+    Listener,
+    ListenerError,
+    bind_listeners,
+    check_unserved,
+    describe,
+    inherited_sockets,
+)
 from muxd.logs import logger, set_level, setup_logging, stderr_is_journal
 from muxd.notify import Notifier
 from muxd.pollers import create_poller
 from muxd.resources import raise_nofile
+from muxd.signals import hold_until_handled
 from muxd.udp import UdpEndpoint, bind_udp, inherited_endpoint
 
 EX_USAGE = 64
+EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 
 
@@ -44,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hold_until_handled()  # again for the console script, which imports us first
     args = build_parser().parse_args(argv)
+    if args.detach and args.config:
+        # The daemon's working directory is /, and every reload reads this path.
+        args.config = os.path.abspath(args.config)
     setup_logging()
     try:
         config = load_config(args.config)
@@ -75,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         # Workers bind their own SO_REUSEPORT sockets after the fork; only
         # inherited ones are taken here, before the environment is cleared.
         sockets = _inherited_sockets(handover) if workers else _open_sockets(config, handover)
+        if workers and sockets is None:
+            check_unserved(config.listen, config.udp)
     except ListenerError as err:
         logger.error("%s", err)
         return err.exit_status
 
-    context = None
+    context = report = None
     if args.detach:
         from muxd.detach import DetachError, detach
 
@@ -88,19 +103,26 @@ def main(argv: list[str] | None = None) -> int:
             *(endpoint.sock for endpoint in sockets[1]),
         ]
         try:
-            context = detach(args.pidfile, [sock.fileno() for sock in held])
+            context, report = detach(args.pidfile, [sock.fileno() for sock in held])
         except DetachError as err:
             logger.error("%s", err)
             return EX_CANTCREAT
 
     # Everything below holds descriptors, so it is created after a detach.
-    notifier = Notifier()
+    if report is not None:
+        from muxd.detach import ReportingNotifier
+
+        notifier: Notifier = ReportingNotifier(report)
+    else:
+        notifier = Notifier()
     hooks = frozenset(filter(None, os.environ.get("MUXD_TEST_HOOKS", "").split(",")))
+    status = EX_SOFTWARE  # unless run() returns: an exception is on its way up
     try:
         if workers:
             from muxd.supervisor import Supervisor
 
-            return Supervisor(config, args.config, sockets, notifier, hooks).run()
+            status = Supervisor(config, args.config, sockets, notifier, hooks).run()
+            return status
         from muxd.loop import EchoServer
 
         listeners, udp_endpoints = sockets
@@ -110,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                             store_capacity=handover.capacity,
                             stored_listeners=handover.stored_listeners,
                             inheritance=handover.inheritance)
-        return server.run()
+        status = server.run()
+        return status
     finally:
+        if report is not None:
+            report.failed(status)  # nothing once it reported ready
         notifier.close()
         if handover.store is not None:
             handover.store.close()
@@ -120,47 +145,45 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _HandoverSetup:
-    """What systemd passed in (socket units, the store) and whether hand-over is on."""
+    """Whether hand-over is on, the store, and what the previous process left."""
 
-    def __init__(self, enabled: bool, store: FdStore | None, capacity: int,
-                 items: list[Received] | None) -> None:
+    def __init__(self, enabled: bool, notify_socket: str, capacity: int) -> None:
         self.enabled = enabled
-        self.store = store
+        self.notify_socket = notify_socket
         self.capacity = capacity
-        self.items = items
+        self.store: FdStore | None = None
         self.inheritance: Inheritance | None = None
         self.stored_listeners: list[Listener] = []
 
+    def open_store(self) -> FdStore | None:
+        if self.store is None and self.notify_socket:
+            try:
+                self.store = FdStore(self.notify_socket)
+            except OSError as err:
+                logger.warning("cannot reach NOTIFY_SOCKET for the file descriptor store: %s",
+                               err)
+                self.enabled = False
+        return self.store
+
 
 def _handover_setup(config: Config, workers: bool) -> _HandoverSetup:
+    """Hand-over is on when the config says so, systemd gave a store ($FDSTORE)
+    and there is one process."""
     notify_socket = os.environ.get("NOTIFY_SOCKET", "")
     capacity = store_capacity() if notify_socket else 0
-    enabled = config.handover and capacity > 0 and not workers
     if config.handover and capacity > 0 and workers:
         logger.warning("hand-over is off with workers > 1: a restart closes every connection")
-    items = received()
-    store = None
-    if notify_socket and (enabled or items):
-        try:
-            store = FdStore(notify_socket)
-        except OSError as err:
-            logger.warning("cannot reach NOTIFY_SOCKET for the file descriptor store: %s", err)
-            enabled = False
-    return _HandoverSetup(enabled, store, capacity, items)
+    setup = _HandoverSetup(config.handover and capacity > 0 and not workers, notify_socket,
+                           capacity)
+    if setup.enabled:
+        setup.open_store()
+    return setup
 
 
-def _inherited_sockets(handover: _HandoverSetup) -> tuple[list[Listener],
-                                                           list[UdpEndpoint]] | None:
-    """TCP listeners and UDP endpoints passed by systemd socket activation
-    (the config's addresses are then not bound), or None when not activated.
-    Connections and listeners from the store are sorted out into
-    ``handover.inheritance`` (and closed when hand-over is off)."""
-    items = handover.items
-    if items is None:
-        return None
-    if not items:
-        raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)")
-    inheritance = handover.inheritance = sort_inherited(items, handover.store)
+def _take_stored(handover: _HandoverSetup, stored: list[tuple[int, str]]) -> None:
+    """Sort what the store passed back; without hand-over, close it all."""
+    items = [classify(fd, name) for fd, name in stored]
+    inheritance = handover.inheritance = sort_inherited(items, handover.open_store())
     if not handover.enabled:
         if inheritance.connections:
             logger.warning("closed %d connection(s) handed over by the previous process: "
@@ -171,22 +194,6 @@ def _inherited_sockets(handover: _HandoverSetup) -> tuple[list[Listener],
             drop(item, "hand-over is off")
         inheritance.connections.clear()
         inheritance.own_listeners.clear()
-    if not inheritance.socket_unit:
-        return None
-    for item in inheritance.own_listeners:
-        drop(item, "a socket unit passes the listeners now")
-    inheritance.own_listeners.clear()
-    listeners, endpoints = [], []
-    for item in inheritance.socket_unit:
-        sock = socket.socket(fileno=item.fd)
-        sock.setblocking(False)
-        if item.kind == "datagram":
-            endpoints.append(inherited_endpoint(sock, item.name))
-        else:
-            listeners.append(Listener(sock, f"{describe(sock)} ({item.name})"))
-    logger.info("socket activation: %d inherited socket(s); [server] listen and udp are not "
-                "used", len(inheritance.socket_unit))
-    return listeners, endpoints
 
 
 def _release(item: Received) -> None:
@@ -195,38 +202,66 @@ def _release(item: Received) -> None:
     sock.close()
 
 
+def _inherited_sockets(handover: _HandoverSetup
+                       ) -> tuple[list[Listener], list[UdpEndpoint]] | None:
+    """TCP listeners and UDP endpoints passed by systemd socket activation
+    (the config's addresses are then not bound), or None when not activated.
+    What muxd's own store passed back is sorted into ``handover.inheritance``."""
+    found = inherited_sockets(is_store_name, handover.capacity)
+    if found is None:
+        return None
+    inherited, stored = found
+    if not inherited and not stored:
+        raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)", EX_CONFIG)
+    if stored:
+        _take_stored(handover, stored)
+    if not inherited:
+        return None
+    if handover.inheritance is not None:
+        for item in handover.inheritance.own_listeners:
+            drop(item, "a socket unit passes the listeners now")
+        handover.inheritance.own_listeners.clear()
+    listeners, endpoints = [], []
+    for sock, label in inherited:
+        if sock.type == socket.SOCK_DGRAM:
+            endpoints.append(inherited_endpoint(sock, label))
+        else:
+            listeners.append(Listener(sock, f"{describe(sock)} ({label})"))
+    logger.info("socket activation: %d inherited socket(s); [server] listen and udp are not "
+                "used", len(inherited))
+    return listeners, endpoints
+
+
 def _open_sockets(config: Config, handover: _HandoverSetup
                   ) -> tuple[list[Listener], list[UdpEndpoint]]:
     """Inherited sockets, else those bound from the configuration (keeping the
-    listeners of the previous process that are still in ``listen``)."""
+    listeners of the previous process whose address is still in ``listen``)."""
     inherited = _inherited_sockets(handover)
     if inherited is not None:
         return inherited
-    kept: list[Listener] = []
+    kept: dict[Address, Listener] = {}
     inheritance = handover.inheritance
     if inheritance is not None:
         wanted = set(config.listen)
         for item in inheritance.own_listeners:
             sock = socket.socket(fileno=item.fd)
             address = _address_of(sock)
-            if address in wanted:
-                wanted.discard(address)
+            if address in wanted and address not in kept:
                 sock.setblocking(False)
                 sock.listen(config.backlog)  # a changed backlog applies to a kept listener
-                kept.append(Listener(sock, str(address)))
+                kept[address] = Listener(sock, str(address))
             else:
                 sock.detach()
                 drop(item, f"its address {address} is no longer in [server] listen")
         inheritance.own_listeners = [item for item in inheritance.own_listeners
-                                     if any(k.fd == item.fd for k in kept)]
-    fresh = [address for address in config.listen
-             if address not in {_address_of(listener.sock) for listener in kept}]
-    listeners = bind_listeners(tuple(fresh), config.backlog)
+                                     if any(k.fd == item.fd for k in kept.values())]
+    fresh = tuple(address for address in config.listen if address not in kept)
+    listeners = bind_listeners(fresh, config.backlog) if fresh else []
     if handover.enabled and handover.store is not None:
         for listener in listeners:
             handover.store.store_now(listener.fd, LISTENER_NAME)
-        handover.stored_listeners = [*kept, *listeners]
-    by_address = {_address_of(listener.sock): listener for listener in [*kept, *listeners]}
+        handover.stored_listeners = [*kept.values(), *listeners]
+    by_address = {**kept, **{_address_of(listener.sock): listener for listener in listeners}}
     ordered = [by_address[address] for address in config.listen if address in by_address]
     try:
         return ordered, bind_udp(config.udp)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
+import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -17,6 +19,22 @@ from typing import Any
 EX_CONFIG = 78  # sysexits.h: "configuration error"; RestartPreventExitStatus keys on it
 DEFAULT_CONFIG_PATH = "/etc/muxd/muxd.ini"
 BUILTIN_SOURCE = "<built-in defaults>"
+# The documented file is about 6 KB; anything near this cap is not a muxd config
+# (a log, a device, a file being written), and reading it must not cost the memory.
+MAX_CONFIG_BYTES = 1 << 20
+QUOTE_LIMIT = 60  # characters of an offending value quoted in an error line
+MAX_ADDRESSES = 64  # in one listen or udp list
+# Fields a running daemon cannot change (its sockets and processes are made at
+# start): a reload that changes one keeps the running value and says so.
+RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "handover")
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(text)``, cut to ``limit`` characters: an error line must stay one
+    readable line even when the value is a pasted megabyte."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class ConfigError(Exception):
@@ -40,12 +58,16 @@ class ConfigError(Exception):
     def __str__(self) -> str:
         where = self.source
         if self.section is not None:
-            where += f": [{self.section}]"
+            where += f": [{_cut(self.section)}]"
             if self.key is not None:
-                where += f" {self.key}"
+                where += f" {_cut(self.key)}"
                 if self.value is not None:
-                    where += f" = {self.value!r}"
+                    where += f" = {quoted(self.value)}"
         return f"{where}: {self.message}"
+
+
+def _cut(name: str) -> str:
+    return name if len(name) <= QUOTE_LIMIT else f"{name[:QUOTE_LIMIT]}..."
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -107,17 +129,20 @@ def parse_addresses(text: str) -> tuple[Address, ...]:
     items = [item.strip() for item in text.split(",")]
     if not any(items):
         raise ValueError(expected)
+    if len(items) > MAX_ADDRESSES:
+        # Each is a socket in every worker, and the overlap check is quadratic.
+        raise ValueError(f"{expected}; at most {MAX_ADDRESSES} addresses ({len(items)} given)")
     addresses: list[Address] = []
     for item in items:
         host, sep, port_text = item.rpartition(":")
         if not sep or not host:
-            raise ValueError(f"{expected}; {item!r} has no HOST:PORT form")
+            raise ValueError(f"{expected}; {quoted(item)} has no HOST:PORT form")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
             try:
                 ipaddress.IPv6Address(host)
             except ValueError:
-                raise ValueError(f"{expected}; {host!r} is not an IPv6 literal") from None
+                raise ValueError(f"{expected}; {quoted(host)} is not an IPv6 literal") from None
         elif host == "localhost":
             host = "127.0.0.1"
         else:
@@ -125,9 +150,10 @@ def parse_addresses(text: str) -> tuple[Address, ...]:
                 ipaddress.IPv4Address(host)
             except ValueError:
                 hint = " (put IPv6 literals in brackets)" if ":" in host else ""
-                raise ValueError(f"{expected}; {host!r} is not an IPv4 literal{hint}") from None
+                raise ValueError(
+                    f"{expected}; {quoted(host)} is not an IPv4 literal{hint}") from None
         port = _parse_int(port_text, 1, 65535, f"{expected}; the port must be 1 to 65535")
-        address = Address(str(ipaddress.ip_address(host)), port)
+        address = Address(str(_unmapped(ipaddress.ip_address(host))), port)
         _check_overlap(address, addresses)
         addresses.append(address)
     return tuple(addresses)
@@ -137,16 +163,38 @@ def parse_optional_addresses(text: str) -> tuple[Address, ...]:
     return parse_addresses(text) if text.strip() else ()
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address
+              ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as the IPv4 address it is.
+
+    The kernel treats the mapped form as IPv4 (a bind to it is a bind to the
+    IPv4 address) and muxd matches clients after unmapping them, so a rule or
+    a listener written in the mapped form must mean the IPv4 one."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     networks = []
     for item in filter(None, (item.strip() for item in text.split(","))):
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ValueError(
                 "a comma-separated list of IPv4 or IPv6 addresses or CIDR blocks "
-                f"(for example 10.0.0.0/8, 2001:db8::/32); {item!r} is neither"
+                f"(for example 10.0.0.0/8, 2001:db8::/32); {quoted(item)} is neither"
             ) from None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+            # Clients are matched as IPv4 (access.client_address), so
+            # ::ffff:10.0.0.0/104 is written for them as 10.0.0.0/8.
+            mapped = network.network_address.ipv4_mapped
+            assert mapped is not None
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        networks.append(network)
     return tuple(networks)
 
 
@@ -167,11 +215,34 @@ def _check_overlap(new: Address, existing: list[Address]) -> None:
                 )
 
 
+# Numbers are ASCII decimal digits: int() and float() would also take "1_000",
+# "+7", Arabic-Indic or full-width digits, "inf" and "nan", none of which an
+# operator means. Seconds and rates may have a fraction and an exponent (as
+# Python writes floats), but one that underflows ("1e-400" is 0.0, which means
+# "off") is refused rather than taken as 0.
+_WHOLE = re.compile(r"[0-9]+", re.ASCII)
+_DECIMAL = re.compile(r"(?P<mantissa>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,4})?",
+                      re.ASCII)
+
+
 def _parse_int(text: str, low: int, high: int, expected: str) -> int:
-    try:
-        value = int(text.strip(), 10)
-    except ValueError:
-        raise ValueError(expected) from None
+    text = text.strip()
+    if not _WHOLE.fullmatch(text):
+        raise ValueError(expected)
+    value = int(text.lstrip("0") or "0") if len(text) <= 20 else high + 1
+    if not low <= value <= high:
+        raise ValueError(expected)
+    return value
+
+
+def _parse_decimal(text: str, low: float, high: float, expected: str) -> float:
+    text = text.strip()
+    match = _DECIMAL.fullmatch(text)
+    if not match:
+        raise ValueError(f"{expected}, written with the digits 0-9 and an optional '.'")
+    value = float(text)
+    if value == 0 and match["mantissa"].strip("0.") != "":
+        raise ValueError(f"{expected}; {quoted(text)} is too small to tell from 0")
     if not low <= value <= high:
         raise ValueError(expected)
     return value
@@ -185,26 +256,14 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
 
 def _rate(text: str) -> float:
-    expected = "a number of datagrams per second from 0 to 1000000 (0 = no limit)"
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(expected) from None
-    if not 0 <= value <= 1_000_000:
-        raise ValueError(expected)
-    return value
+    return _parse_decimal(text, 0, 1_000_000, "a number of datagrams per second "
+                          "from 0 to 1000000 (0 = no limit)")
 
 
 def _seconds(high: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        expected = f"a number of seconds from 0 to {high:g} (0 = never)"
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError(expected) from None
-        if not 0 <= value <= high:  # also rejects nan
-            raise ValueError(expected)
-        return value
+        return _parse_decimal(text, 0, high, f"a number of seconds from 0 to {high:g} "
+                              "(0 = never)")
 
     return parse
 
@@ -296,10 +355,14 @@ def parse_config_text(text: str, source: str) -> Config:
         ) from None
     except configparser.MissingSectionHeaderError as err:
         raise ConfigError(
-            source, f"line {err.lineno}: expected a [section] header before {err.line.strip()!r}"
+            source,
+            f"line {err.lineno}: expected a [section] header before {quoted(err.line.strip())}"
         ) from None
     except configparser.ParsingError as err:
-        lines = ", ".join(f"line {lineno}: {line.strip()!r}" for lineno, line in err.errors)
+        lines = ", ".join(f"line {lineno}: {quoted(line.strip())}"
+                          for lineno, line in err.errors[:3])
+        if len(err.errors) > 3:
+            lines += f" and {len(err.errors) - 3} more"
         raise ConfigError(source, f"expected KEY = VALUE lines; cannot parse {lines}") from None
     except configparser.Error as err:
         raise ConfigError(source, f"cannot parse: {err.message}") from None
@@ -326,18 +389,61 @@ def parse_config_text(text: str, source: str) -> Config:
 
 
 def load_config(path: str | None) -> Config:
-    """Load ``path``; with None, the default file if it exists, else built-in defaults."""
+    """Load ``path``; with None, the default file if it exists, else built-in defaults.
+
+    The daemon's reload calls this too, so whatever ``path`` has become it
+    must return or raise ConfigError promptly and within bounded memory."""
     if path is None:
         if not os.path.exists(DEFAULT_CONFIG_PATH):
             return Config()
         path = DEFAULT_CONFIG_PATH
+    return parse_config_text(_read_config_file(path), path)
+
+
+def _read_config_file(path: str) -> str:
+    """The text of ``path``, which must be a regular file of at most MAX_CONFIG_BYTES.
+
+    O_NONBLOCK so that opening a FIFO does not wait for a writer; the type is
+    checked on the open descriptor (no race with a rename), and the read is
+    capped because st_size means nothing for /proc files and growing files."""
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(path, f"cannot read the configuration file: {reason}")
+
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise ConfigError(path, f"cannot read the configuration file: {reason}") from None
-    return parse_config_text(text, path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as err:
+        raise refuse(err.strerror or str(err)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise refuse(f"it is {_file_kind(mode)}, not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_CONFIG_BYTES:
+            raise refuse(f"it is larger than {MAX_CONFIG_BYTES} bytes, the most a muxd "
+                         "configuration may be")
+        return b"".join(chunks).decode("utf-8-sig")  # a BOM is an editor's, not a key's
+    except OSError as err:
+        raise refuse(err.strerror or str(err)) from None
+    except UnicodeDecodeError as err:
+        raise refuse(f"it is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def changed_fields(old: Config, new: Config) -> list[str]:

@@ -21,8 +21,10 @@ It is correct under both edge- and level-triggered readiness:
   to ``finish_read``, which carries on exactly where ``on_readable`` would.
 * Unsent bytes wait in ``pending``. Writability is watched only while
   ``pending`` is non-empty; reading pauses at ``high_water`` bytes and
-  resumes below a quarter of it, so a client that sends without reading
-  costs at most ``high_water`` bytes (plus one read) of our memory.
+  resumes below a quarter of it. No read asks for more than the room left
+  under ``high_water`` (``read_size``, and less once something is owed), so
+  a client that sends without reading costs at most ``high_water`` bytes of
+  our memory, whatever ``high_water`` is next to the receive buffer.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ MAX_DISCARDS = 1024  # 64 MiB
 # connection needs a buffer of its own while it is idle.
 RECV_BUFFER = bytearray(READ_CHUNK)
 RECV_VIEW = memoryview(RECV_BUFFER)
+
+
+def read_size(high_water: int) -> int:
+    """The most one read takes while nothing is owed: no more than high_water."""
+    return min(READ_CHUNK, high_water)
 
 
 class Close(IntEnum):
@@ -94,10 +101,19 @@ class Connection:
 
     def on_readable(self, peer_may_have_hung_up: int) -> int:
         sock = self.sock
+        high_water = self.high_water
+        full = read_size(high_water)
         reads = 0
         while True:
+            pending = self.pending
+            # Never more than fits under high_water: the bound on what a
+            # client that does not read can make us hold.
+            size = min(full, high_water - len(pending)) if pending else full
+            if size <= 0:  # owed as much as allowed already (0 would mean "any size")
+                self.paused = True
+                break
             try:
-                received = sock.recv_into(RECV_BUFFER)
+                received = sock.recv_into(RECV_BUFFER, size)
             except BlockingIOError:
                 break
             except OSError:
@@ -106,7 +122,6 @@ class Connection:
                 self.read_closed = self.peer_finished = True
                 break
             self.bytes_in += received
-            pending = self.pending
             if pending:
                 pending += RECV_VIEW[:received]  # behind what is owed already
             else:
@@ -118,31 +133,32 @@ class Connection:
                     self.bytes_in -= received  # neither echoed nor pending
                     return Close.RESET
                 if sent == received:
-                    if received < READ_CHUNK and not peer_may_have_hung_up:
+                    if received < size and not peer_may_have_hung_up:
                         return READ  # the common case: all echoed, nothing owed
                 else:
                     if pending is None:
                         self.pending = pending = bytearray()
                     pending += RECV_VIEW[sent:received]
-            if pending and len(pending) >= self.high_water:
+            if pending and len(pending) >= high_water:
                 self.paused = True
                 break
-            if received < READ_CHUNK and not peer_may_have_hung_up:
+            if received < size and not peer_may_have_hung_up:
                 break
             reads += 1
             if reads == MAX_READS_PER_EVENT:
                 return self._wanted() | AGAIN
         return self._wanted()
 
-    def finish_read(self, received: int, sent: int) -> int:
+    def finish_read(self, received: int, sent: int, asked: int) -> int:
         """Take over from the loop's fast path when a read was not the plain case.
 
         The fast path (in ``EchoServer._run_until_stopped``) runs only on a
         connection whose interest is exactly ``READ``, which means nothing is
-        owed, reading is not paused and the peer has not finished. It read
-        ``received`` bytes into ``RECV_BUFFER`` (0: the peer's EOF) and echoed
+        owed, reading is not paused and the peer has not finished. It asked
+        for ``asked`` bytes (``read_size`` of the configured buffer_size),
+        read ``received`` into ``RECV_BUFFER`` (0: the peer's EOF) and echoed
         the first ``sent`` of them; it handles a short read echoed whole by
-        itself and comes here for everything else: EOF, a full buffer (there
+        itself and comes here for everything else: EOF, a full read (there
         may be more to read), or an echo that fell short."""
         if not received:
             self.read_closed = self.peer_finished = True
@@ -153,8 +169,8 @@ class Connection:
             if received - sent >= self.high_water:
                 self.paused = True
                 return self._wanted()
-        if received == READ_CHUNK:
-            return self.on_readable(False)  # a full buffer: read on, behind what is owed
+        if received == asked:
+            return self.on_readable(False)  # a full read: read on, behind what is owed
         return self._wanted()
 
     def on_writable(self) -> int:
@@ -194,6 +210,10 @@ class Connection:
             except OSError:
                 return Close.RESET
         return 0
+
+    def wanted(self) -> int:
+        """What the connection wants next, from its state alone (a taken-over one)."""
+        return self._wanted()
 
     def _wanted(self) -> int:
         if self.pending:

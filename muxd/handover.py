@@ -28,9 +28,11 @@ Also the connections accepted in the turn of the crash, before their batch
 was sent. Every byte the kernel holds (unread input, unacknowledged echo)
 survives.
 
-May touch: the store, the connections' sockets (shutdown, fstat) and their
-echo state (read at hand-over, set at take-over); it never closes a live
-connection of the loop's table itself, it returns those to the loop.
+Of the shared state (state.py) it may: add the connections it takes over to
+the connection table, the poller and the per-client counts; at a hand-over,
+set ``stopping``, close listeners and endpoints, and empty the table without
+closing the connections (the store keeps them); schedule its retry timer. It
+is ``Shared.kept``: told of every connection admitted and closed.
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from muxd.connection import Connection
+from muxd.access import client_address, client_group
+from muxd.connection import Close, Connection
 from muxd.fdstore import FdStore, Received, drop, release
+from muxd.listeners import Listener
+from muxd.state import Shared
 
 logger = logging.getLogger("muxd")
 
@@ -146,9 +151,8 @@ def read_memfd(fd: int) -> bytes:
 
 @dataclass
 class Inheritance:
-    """What the previous process (or a socket unit) left us, sorted."""
+    """What the previous process left in the store, sorted."""
 
-    socket_unit: list[Received] = field(default_factory=list)  # listeners/UDP of a .socket
     own_listeners: list[Received] = field(default_factory=list)  # stored by muxd, name "listen"
     connections: list[Received] = field(default_factory=list)  # stored by muxd, name "conn"
     state: State | None = None
@@ -156,6 +160,11 @@ class Inheritance:
     # A foreign descriptor stored under one of muxd's own names: only removing
     # the whole name takes it out of the store (and the rest is stored again).
     restore_names: set[str] = field(default_factory=set)
+
+
+def is_store_name(name: str) -> bool:
+    """A name muxd gives what it stores (everything else came from a socket unit)."""
+    return name in (CONNECTION_NAME, LISTENER_NAME) or name.startswith(STATE_PREFIX)
 
 
 def sort_inherited(items: list[Received], store: FdStore | None) -> Inheritance:
@@ -193,12 +202,8 @@ def sort_inherited(items: list[Received], store: FdStore | None) -> Inheritance:
                 found.dropped += 1
             finally:
                 os.close(item.fd)
-        elif item.kind in ("listener", "datagram"):
-            found.socket_unit.append(item)
         else:
-            _drop(found, item, "not a listening or datagram socket")
-            if store is not None and item.kind in ("file", "other"):
-                store.remove(item.name)
+            _drop(found, item, "not a name muxd stores under")
     if states:
         # Normally one; more only if a removal was lost: the newest writer wins.
         found.state = max(states, key=lambda pair: pair[1].written)[1]
@@ -216,12 +221,13 @@ def _drop(found: Inheritance, item: Received, why: str) -> None:
 class HandOver:
     """The loop's room for the store: track, forget, hand over, take over."""
 
-    def __init__(self, store: FdStore, capacity: int, listeners_stored: int,
-                 call_later: Callable[[float, Callable[[], None]], object]) -> None:
+    def __init__(self, shared: Shared, store: FdStore, capacity: int,
+                 stored_listeners: Iterable[Listener]) -> None:
+        self.shared = shared
         self.store = store
+        self._stored_listeners = {listener.fd for listener in stored_listeners}
         # The state memfd needs one place; listeners hold theirs already.
-        self.connection_capacity = max(0, capacity - listeners_stored - 1)
-        self._call_later = call_later
+        self.connection_capacity = max(0, capacity - len(self._stored_listeners) - 1)
         self._stored: set[int] = set()  # fds of live connections in (or queued for) the store
         self._retry_scheduled = False
         self._armed_at: float | None = None
@@ -229,9 +235,8 @@ class HandOver:
         self.not_stored = 0  # connections beyond the store's size (never kept)
         self._warned_full = False
         self._warned_failed = False
-        self.taken_over = 0
 
-    # --- serving: per accepting turn and per close ---------------------------
+    # --- serving: per admitted connection, per accepting turn, per close ------
 
     def track(self, conn: Connection) -> None:
         if len(self._stored) >= self.connection_capacity:
@@ -247,11 +252,11 @@ class HandOver:
         self.store.queue(conn.fd, CONNECTION_NAME)
 
     def flush(self) -> None:
-        """End of an accepting turn: one message per 253 connections accepted."""
+        """End of an accepting turn: one message per 253 connections admitted."""
         failed = self.store.failed
         if not self.store.flush() and not self._retry_scheduled:
             self._retry_scheduled = True
-            self._call_later(RETRY_DELAY, self._retry)
+            self.shared.timers.call_at(self.shared.now + RETRY_DELAY, self._retry)
         if self.store.failed != failed and not self._warned_failed:
             self._warned_failed = True
             logger.error("could not store connections in systemd's file descriptor store "
@@ -262,7 +267,7 @@ class HandOver:
         self.flush()
 
     def forget(self, conn: Connection) -> None:
-        """Before the loop closes a connection: take it out of the store."""
+        """Before a connection is closed: take it out of the store."""
         fd = conn.fd
         if fd in self._stored:
             self._stored.discard(fd)
@@ -271,30 +276,41 @@ class HandOver:
             if not self.store.unqueue(fd):
                 release(conn.sock)
 
-    def forget_listener(self, sock: socket.socket) -> None:
-        """A stored listener closed at a graceful stop: it stops listening now,
-        instead of queueing connections nobody will accept."""
-        if not self._released:
-            release(sock)
+    def forget_listener(self, listener: Listener) -> None:
+        """A stored listener closed at a graceful stop stops listening now, rather
+        than queueing connections nobody will accept."""
+        if listener.fd in self._stored_listeners:
+            self._stored_listeners.discard(listener.fd)
+            if not self._released:
+                release(listener.sock)
 
     # --- restart or stop --------------------------------------------------
 
-    def arm(self, now: float) -> None:
-        self._armed_at = now
+    def arm(self) -> None:
+        self._armed_at = self.shared.now
         logger.info("the stop hook says this stop is a restart: connections will be handed over")
 
-    def restarting(self, now: float) -> bool:
-        return self._armed_at is not None and now - self._armed_at <= ARM_WINDOW
+    def restarting(self) -> bool:
+        armed = self._armed_at
+        return armed is not None and self.shared.now - armed <= ARM_WINDOW
 
-    def hand_over(self, conns: Iterable[Connection], listeners: int,
-                  version: str) -> list[Connection]:
-        """Store everything the next process needs; return the connections that are
-        not in the store (the loop closes those gracefully)."""
+    def hand_over(self, version: str) -> None:
+        """SIGTERM of a restart: leave every connection in the store for the next
+        process, with the state it needs, and let the loop end without closing any.
+        Blocks for at most a few seconds (waiting for PID 1), once, on the way out."""
+        shared = self.shared
+        shared.stopping = True
+        shared.notifier.send("STOPPING=1", "STATUS=restarting: handing connections over")
+        listeners = len(self._stored_listeners)
+        for listener in list(shared.listeners.values()):
+            if listener.fd not in self._stored_listeners:
+                shared.close_listener(listener)  # a socket unit's: systemd holds it
+        shared.close_udp()
         self.store.flush_all()
         records = []
         unstored = []
         pending = 0
-        for conn in conns:
+        for conn in shared.conns.values():
             if conn.fd not in self._stored:
                 unstored.append(conn)
                 continue
@@ -309,7 +325,6 @@ class HandOver:
         finally:
             os.close(fd)
         confirmed = self.store.barrier()
-        self._released = True
         logger.info("handing over %d connection(s) and %d listener(s) to the next process "
                     "(%s of pending echo)%s%s", len(records), listeners, _kib(pending),
                     "" if stored else "; the state could not be stored: pending echo is lost",
@@ -317,13 +332,28 @@ class HandOver:
         if unstored:
             logger.warning("%d connection(s) were not in the file descriptor store: "
                            "closing them", len(unstored))
-        return unstored
+        for conn in unstored:
+            # Not in the store: closed now, its echo sent as far as the socket takes it.
+            if conn.pending:
+                conn.on_writable()
+            conn.discard_input()
+            shared.close(conn, Close.SHUTDOWN)
+        self._released = True
+        poller = shared.poller
+        for conn in shared.conns.values():
+            poller.unregister(conn.fd)
+            conn.sock.close()  # our copy only: the store keeps the connection open
+        shared.conns.clear()
+        shared.per_client.clear()
+        for listener in list(shared.listeners.values()):
+            shared.close_listener(listener)
 
     # --- taking over --------------------------------------------------------
 
-    def adopt(self, inherited: Inheritance, high_water: int, keep_peer: bool,
-              now: float) -> list[Connection]:
-        """Connections of the previous process, with their echo state restored."""
+    def take_over(self, inherited: Inheritance) -> None:
+        """Serve the connections of the previous process, with their echo state."""
+        shared = self.shared
+        config = shared.config
         state = inherited.state
         records = state.records if state else {}
         adopted = []
@@ -331,12 +361,13 @@ class HandOver:
             sock = socket.socket(fileno=item.fd)
             sock.setblocking(False)
             peer = None
-            if keep_peer:
+            if config.log_connections or config.max_connections_per_ip:
                 try:
                     peer = sock.getpeername()
                 except OSError:
                     peer = None
-            conn = Connection(sock, peer, high_water, now)
+            conn = Connection(sock, peer if config.log_connections else None,
+                              config.buffer_size, shared.now)
             record = records.pop(item.inode, None)
             if record is not None:
                 conn.bytes_in = record.bytes_in
@@ -346,20 +377,31 @@ class HandOver:
                 conn.read_closed = bool(record.flags & READ_CLOSED)
                 conn.peer_finished = bool(record.flags & PEER_FINISHED)
             self._stored.add(conn.fd)
+            shared.conns[conn.fd] = conn
+            want = conn.wanted()
+            if want < 0:  # finished in the old process's last turn: only the close is left
+                shared.close(conn, want)
+                continue
+            shared.poller.register(conn.fd, want)
+            conn.interest = want
+            if config.max_connections_per_ip and isinstance(peer, tuple) and peer[0]:
+                conn.group = client_group(client_address(peer[0]), config.ipv6_prefix)
+                shared.per_client[conn.group] = shared.per_client.get(conn.group, 0) + 1
             adopted.append(conn)
-        if inherited.restore_names & {CONNECTION_NAME}:
+        if CONNECTION_NAME in inherited.restore_names:
             # A foreign descriptor was stored as a connection: only removing the
             # name takes it out; then the real ones go back in.
             self.store.remove(CONNECTION_NAME)
             for conn in adopted:
                 self.store.queue(conn.fd, CONNECTION_NAME)
             self.flush()
-        self.taken_over = len(adopted)
+        shared.counters.taken_over = len(adopted)
         if records:
             logger.warning("%d connection(s) of the hand-over state were not in the store "
                            "(closed by systemd: FileDescriptorStoreMax= too small?)",
                            len(records))
-        return adopted
+        if state is not None or adopted or inherited.own_listeners:
+            logger.info("%s", describe_takeover(adopted, len(inherited.own_listeners), state))
 
 
 def describe_takeover(adopted: list[Connection], listeners: int,

@@ -64,12 +64,19 @@ class Notifier:
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None."""
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None for no watchdog.
+
+    As sd_watchdog_enabled(3) does, a WATCHDOG_USEC that is not a positive
+    number means no watchdog: a zero interval would be a ping due at once,
+    for ever."""
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
     try:
         if not usec or (pid and int(pid) != os.getpid()):
             return None
-        return int(usec) / 2e6
+        usec_value = int(usec)
     except ValueError:
         return None
+    if usec_value <= 0:
+        return None
+    return usec_value / 2e6

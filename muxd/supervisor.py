@@ -1,55 +1,58 @@
-"""Several worker processes on one host: ``[server] workers = N``.
+"""The supervisor of worker processes (``[server] workers = N``): one worker
+per slot, spawned, reaped and replaced (after a back-off, or at once when it
+stops sending its heartbeat), and the signals that stop or reload them all.
 
-One Python process serves one core. With workers, a supervisor forks N
+It may change its own slots and worker table, send signals to its workers,
+and speak for them all to systemd (NotifyAccess=main: it is the only process
+systemd hears from). What a worker does after the fork is muxd.worker's; how
+workers' reports are read and combined is muxd.worker_reports'.
+
+One Python process serves one core. With workers, the supervisor forks N
 copies of the ordinary daemon; each binds its own sockets on the same
 addresses with SO_REUSEPORT (or shares the inherited ones under socket
-activation) and the kernel spreads connections among them.
-
-The supervisor is the only process systemd hears from (NotifyAccess=main).
-Each worker speaks the notify protocol, unchanged, to a datagram socket of
-the supervisor's: its NOTIFY_SOCKET points there, and the kernel tells us
-which worker sent what (SO_PASSCRED), as it tells systemd. So the supervisor
+activation) and the kernel spreads connections among them. Each worker speaks
+the notify protocol, unchanged, to the supervisor's inbox, so the supervisor
 knows when every worker is ready, what each serves, and whether each still
-pings its watchdog, and sends systemd one READY=1, one STATUS= and its own
+sends its heartbeat, and sends systemd one READY=1, one STATUS= and its own
 WATCHDOG=1.
 
-Signals are forwarded: SIGTERM/SIGINT stop the workers (each drains as the
-single daemon does) and the supervisor exits once they have; SIGHUP is
-checked here first (a broken file is refused once, here) and then reloaded
+Signals: SIGTERM/SIGINT stop the workers (the supervisor relays one
+RELAYED_STOP to each, which drains as the single daemon does; they ignore the
+SIGTERM a cgroup or process-group kill also sends them) and the supervisor
+exits once they have; SIGHUP is checked here first (a broken file is refused
+once, here; restart-only fields keep their running values) and then reloaded
 by each worker; SIGUSR1 makes each log its counters. A worker that dies is
 replaced after a back-off that grows while replacements keep dying.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import re
 import signal
-import socket
-import struct
 import time
 from dataclasses import dataclass, replace
 
-from muxd.config import Config, ConfigError, changed_fields, load_config
-from muxd.listeners import ListenerError, bind_listeners
-from muxd.logs import set_level, setup_logging
+from muxd.config import RESTART_ONLY_FIELDS, Config, ConfigError, changed_fields, load_config
+from muxd.logs import set_level
 from muxd.notify import Notifier, watchdog_interval
-from muxd.pollers import READ, available_backends, create_poller
-from muxd.signals import HANDLED, SignalQueue
+from muxd.pollers import READ, create_poller
+from muxd.signals import HANDLED, RELAYED_STOP, SignalQueue, block
 from muxd.timers import Timers
-from muxd.udp import bind_udp
+from muxd.worker import run_worker
+from muxd.worker_reports import Inbox, combined_status
 
 logger = logging.getLogger("muxd")
 
-EX_SOFTWARE = 70
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESTART_BACKOFF_FIRST = 0.1
 RESTART_BACKOFF_MAX = 5.0
 HEALTHY_AFTER = 10.0  # a worker that lived this long resets its slot's back-off
 RELOAD_WAIT = 10.0
-_SERVING = re.compile(r"serving (\d+) connection")
+# Every worker pings (WATCHDOG=1) every HEARTBEAT seconds, with or without
+# systemd's watchdog; one silent for HEARTBEAT_MISSED seconds is stuck (stopped,
+# hung) and is replaced, so the kernel stops handing it half the connections.
+HEARTBEAT = 1.0
+HEARTBEAT_MISSED = 5.0
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Worker:
     ready: bool = False
     status: str = ""
     last_ping: float = 0.0
+    killed: bool = False
 
 
 @dataclass
@@ -82,23 +86,20 @@ class Supervisor:
         self.stopping = False
         self.announced_ready = False
         self.reloading = False
+        self._reload_after_ready = False
         self.exit_status = 0
         self._now = time.monotonic()
         self._reported_status = ""
         self._watchdog = watchdog_interval()
         self._supervisor_pid = os.getpid()
-        self._notify_name = f"\0muxd-supervisor-{os.getpid()}-{os.urandom(4).hex()}"
-        self._inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._inbox.bind(self._notify_name)
-        self._inbox.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._inbox.setblocking(False)
+        self._inbox = Inbox()
         self._signals = SignalQueue((*HANDLED, signal.SIGCHLD))
         self._poller = create_poller("poll")
 
     # --- lifecycle -------------------------------------------------------
 
     def run(self) -> int:
-        self._poller.register(self._inbox.fileno(), READ)
+        self._poller.register(self._inbox.fd, READ)
         self._poller.register(self._signals.fd, READ)
         logger.info("supervisor: starting %d workers", len(self.slots))
         for index in range(len(self.slots)):
@@ -111,7 +112,7 @@ class Supervisor:
                 events = self._poller.poll(self.timers.timeout(self._now))
                 self._now = time.monotonic()
                 for fd, _ in events:
-                    if fd == self._inbox.fileno():
+                    if fd == self._inbox.fd:
                         self._read_notifications()
                     else:
                         for signum in self._signals.take():
@@ -128,66 +129,32 @@ class Supervisor:
         slot = self.slots[index]
         for stream in (logging.getLogger("muxd").handlers or []):
             stream.flush()
+        # Signals stay blocked in the child until its own queue handles them:
+        # until then it would run the supervisor's handlers, or die of SIGHUP.
+        previous_mask = block({*HANDLED, RELAYED_STOP, signal.SIGCHLD})
         pid = os.fork()
-        if pid == 0:  # the worker
-            status = EX_SOFTWARE
-            try:
-                status = self._worker_main(index)
-            except BaseException:
-                logger.exception("worker %d failed", index)
-            finally:
-                os._exit(status)
+        if pid == 0:  # the worker; never returns
+            run_worker(index, self.config, self.config_path, self.inherited,
+                       supervisor_pid=self._supervisor_pid, notify_address=self._inbox.address,
+                       heartbeat=HEARTBEAT, drop_supervisor_state=self._drop_in_worker,
+                       test_hooks=self.test_hooks)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         slot.worker = self.workers[pid] = Worker(index, pid, self._now, last_ping=self._now)
         logger.info("supervisor: worker %d started (pid %d)", index, pid)
 
-    def _worker_main(self, index: int) -> int:
-        from muxd.loop import EchoServer
-
-        _die_with_parent(self._supervisor_pid)
-        # Drop everything of the supervisor's before becoming an ordinary daemon.
+    def _drop_in_worker(self) -> None:
+        """In a just-forked worker: close what is the supervisor's."""
         self._signals.close()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._inbox.close()
         self._poller.close()
         self.notifier.close()
-        os.environ["NOTIFY_SOCKET"] = "@" + self._notify_name[1:]
-        os.environ.pop("WATCHDOG_PID", None)
-        if self._watchdog is None:
-            os.environ.pop("WATCHDOG_USEC", None)
-        setup_logging(self.config.log_level, tag=f"worker {index}")
-        if self.inherited is not None:
-            listeners, endpoints = self.inherited
-        else:
-            try:
-                listeners = bind_listeners(self.config.listen, self.config.backlog,
-                                           reuse_port=True)
-                endpoints = bind_udp(self.config.udp, reuse_port=True)
-            except ListenerError as err:
-                logger.error("%s", err)
-                return err.exit_status
-        server = EchoServer(self.config, self.config_path, listeners,
-                            create_poller(self.config.backend), Notifier(),
-                            udp_endpoints=endpoints, test_hooks=self.test_hooks)
-        return server.run()
 
     # --- what workers say ------------------------------------------------
 
     def _read_notifications(self) -> None:
-        credentials_size = socket.CMSG_SPACE(struct.calcsize("3i"))
-        while True:
-            try:
-                data, ancillary, _, _ = self._inbox.recvmsg(4096, credentials_size)
-            except BlockingIOError:
-                return
-            pid = None
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("3i", payload[:12])[0]
-            worker = self.workers.get(pid) if pid is not None else None
-            if worker is None:
-                continue  # not (or no longer) one of ours
-            for line in data.decode(errors="replace").splitlines():
-                key, _, value = line.partition("=")
+        for pid, key, value in self._inbox.read():
+            worker = self.workers.get(pid)
+            if worker is not None:  # else not (or no longer) one of ours
                 self._on_worker_message(worker, key, value)
 
     def _on_worker_message(self, worker: Worker, key: str, value: str) -> None:
@@ -214,6 +181,9 @@ class Supervisor:
             return
         self.reloading = False
         self._report(force_ready=True)
+        if self._reload_after_ready:
+            self._reload_after_ready = False
+            self._reload()
 
     # --- signals ---------------------------------------------------------
 
@@ -223,7 +193,10 @@ class Supervisor:
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self._stop(signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
-            self._reload()
+            if self.announced_ready:
+                self._reload()
+            else:  # reload once every worker is up, as a single process would
+                self._reload_after_ready = True
         elif signum in (signal.SIGUSR1, signal.SIGUSR2):
             self._forward(signum)
 
@@ -236,14 +209,14 @@ class Supervisor:
 
     def _stop(self, signame: str) -> None:
         if self.stopping:
-            self._forward(signal.SIGTERM)  # a second signal: the workers close at once
+            self._forward(RELAYED_STOP)  # a second signal: the workers close at once
             return
         self.stopping = True
         logger.info("supervisor: %s: stopping %d workers", signame, len(self.workers))
         timeout = self.config.shutdown_timeout
         self.notifier.send("STOPPING=1", f"STATUS=stopping ({signame})",
                            f"EXTEND_TIMEOUT_USEC={int((timeout + 5) * 1e6)}")
-        self._forward(signal.SIGTERM)
+        self._forward(RELAYED_STOP)
         self.timers.call_at(self._now + timeout + 3, self._kill_stragglers)
 
     def _kill_stragglers(self) -> None:
@@ -260,9 +233,16 @@ class Supervisor:
             logger.error("reload failed, keeping the running configuration: %s", err)
             self._report(force_ready=True)
             return
-        if new.workers != self.config.workers:
-            logger.warning("reload: workers changed; that takes effect only after a restart")
-            new = replace(new, workers=self.config.workers)
+        old = self.config
+        needs_restart = [name for name in RESTART_ONLY_FIELDS
+                         if getattr(old, name) != getattr(new, name)]
+        if needs_restart:
+            # As the single process does (and each worker will): a restart-only
+            # field keeps its running value everywhere, so a worker replaced
+            # later binds what the others serve.
+            logger.warning("reload: %s changed in %s; that takes effect only after a restart",
+                           ", ".join(needs_restart), new.source)
+            new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
         logger.info("supervisor: reloading %s in every worker (%s)", new.source,
                     ", ".join(changed_fields(self.config, new)) or "nothing changed")
         self.config = new
@@ -323,18 +303,24 @@ class Supervisor:
 
     def _ping_watchdog(self) -> None:
         assert self._watchdog is not None
-        # A worker silent for a whole watchdog period is hung: replace just
-        # that one rather than let systemd restart every worker.
-        deadline = self._now - 2 * self._watchdog
-        for pid, worker in list(self.workers.items()):
-            if worker.ready and worker.last_ping < deadline:
-                logger.error("supervisor: worker %d (pid %d) stopped answering its watchdog; "
-                             "killing it", worker.slot, pid)
-                os.kill(pid, signal.SIGKILL)
         self.notifier.send("WATCHDOG=1")
         self.timers.call_at(self._now + self._watchdog, self._ping_watchdog)
 
+    def _check_heartbeats(self) -> None:
+        # A worker silent this long is hung or stopped (SIGSTOP): replace just
+        # that one, with or without systemd's watchdog, rather than let it keep
+        # its share of the listening port or have systemd restart every worker.
+        deadline = self._now - HEARTBEAT_MISSED
+        for pid, worker in list(self.workers.items()):
+            if worker.ready and worker.last_ping < deadline and not worker.killed:
+                logger.error("supervisor: worker %d (pid %d) sent no heartbeat for %gs; "
+                             "killing it", worker.slot, pid, HEARTBEAT_MISSED)
+                worker.killed = True
+                os.kill(pid, signal.SIGKILL)
+
     def _every_second(self) -> None:
+        if not self.stopping:
+            self._check_heartbeats()
         if self.announced_ready and not self.stopping:
             self._report()
         self.timers.call_at(self._now + 1.0, self._every_second)
@@ -348,41 +334,10 @@ class Supervisor:
         self._reported_status = status
 
     def _status(self) -> str:
-        serving = 0
-        for worker in self.workers.values():
-            match = _SERVING.match(worker.status)
-            serving += int(match.group(1)) if match else 0
-        ready = sum(1 for worker in self.workers.values() if worker.ready)
-        backend = self.config.backend
-        if backend == "auto":
-            backend = available_backends()[0]
-        noun = "connection" if serving == 1 else "connections"
-        return (f"serving {serving} {noun} on {self._addresses()} ({backend}, "
-                f"{ready}/{len(self.slots)} workers)")
-
-    def _addresses(self) -> str:
-        if self.inherited is not None:
-            listeners, endpoints = self.inherited
-            return ", ".join([*(item.name for item in listeners),
-                              *(item.name for item in endpoints)])
-        return ", ".join([*map(str, self.config.listen),
-                          *(f"udp {address}" for address in self.config.udp)])
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel send SIGTERM to this worker when the supervisor dies.
-
-    Under systemd the whole cgroup is killed anyway, but a supervisor killed
-    with SIGKILL elsewhere (detached mode, a test) would leave orphaned
-    workers holding the port. PR_SET_PDEATHSIG is Linux's; elsewhere this
-    does nothing."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # it died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+        workers = self.workers.values()
+        return combined_status((worker.status for worker in workers),
+                               sum(1 for worker in workers if worker.ready), len(self.slots),
+                               self.config, self.inherited)
 
 
 def _describe_exit(wait_status: int) -> str:

@@ -41,9 +41,16 @@ class Timers:
         return max(0.0, self.next_due - now)
 
     def run_due(self, now: float) -> None:
+        """Run the timers due at ``now``: those already scheduled when this call began.
+
+        A timer that a callback schedules at or before ``now`` (a zero or
+        negative interval) waits for the next call, one loop turn later, so
+        this always returns and the loop's events and signals keep their turn."""
         heap = self._heap
+        due = []
         while heap and heap[0][0] <= now:
-            timer = heapq.heappop(heap)[2]
+            due.append(heapq.heappop(heap)[2])
+        for timer in due:
             callback, timer.callback = timer.callback, None
             if callback is not None:
                 callback()

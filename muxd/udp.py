@@ -9,7 +9,9 @@ never ends. So, before echoing, a datagram must pass the guard:
   discard 9, daytime 13, chargen 19, time 37) lives below that, and real
   clients send from ephemeral ports;
 * its source must not be a broadcast, multicast or unspecified address (no
-  real sender has one), nor our own address and port (a self-loop);
+  real sender has one), nor the address and port of any of muxd's own UDP
+  endpoints: a datagram that claims to come from one of them would start a
+  loop between two of our own sockets (or one socket and itself);
 * the access lists must allow it;
 * its source address must be within its token bucket (``udp_rate``
   datagrams per second), and the whole service within ``udp_total_rate``.
@@ -26,8 +28,9 @@ import ipaddress
 import logging
 import socket
 from collections import Counter
+from collections.abc import Iterable
 
-from muxd.access import AccessPolicy, TokenBuckets, client_address
+from muxd.access import AccessPolicy, IPAddress, TokenBuckets, client_address
 from muxd.config import Address, Config
 from muxd.connection import RECV_BUFFER, RECV_VIEW
 from muxd.listeners import bind_socket, describe
@@ -46,7 +49,24 @@ class UdpGuard:
         self.dropped: Counter[str] = Counter()
         self.echoed = 0
         self._log = RateLimitedLog(logging.WARNING)
+        # Where our own endpoints answer from: exact (address, port) pairs for
+        # those bound to an address, and the ports of wildcard ones, which
+        # answer from any local address.
+        self._own: set[tuple[IPAddress, int]] = set()
+        self._own_wildcard_ports: set[int] = set()
+        self._own_ports: frozenset[int] = frozenset()
+        self._local_cache: dict[IPAddress, bool] = {}
         self.configure(config, access)
+
+    def know_endpoints(self, endpoints: Iterable[UdpEndpoint]) -> None:
+        """Learn every address muxd's UDP endpoints answer from."""
+        for endpoint in endpoints:
+            host, port = endpoint.local
+            if endpoint.wildcard:
+                self._own_wildcard_ports.add(port)
+            else:
+                self._own.add((client_address(host), port))
+        self._own_ports = frozenset({port for _, port in self._own} | self._own_wildcard_ports)
 
     def configure(self, config: Config, access: AccessPolicy) -> None:
         self.access = access
@@ -60,8 +80,8 @@ class UdpGuard:
         address = client_address(host)
         if address.is_multicast or address.is_unspecified or address == _BROADCAST:
             return "broadcast, multicast or unspecified source"
-        if port == local[1] and address == client_address(local[0]):
-            return "source is this very socket"
+        if port in self._own_ports and self._is_own(address, port, local[0]):
+            return "source is one of muxd's own endpoints"
         if self.access.active and not self.access.permits(address):
             return "denied by [access]"
         if self.per_source is not None and not self.per_source.allow(address, now):
@@ -69,6 +89,23 @@ class UdpGuard:
         if self.total is not None and not self.total.allow(None, now):
             return "over udp_total_rate"
         return None
+
+    def _is_own(self, address: IPAddress, port: int, destination: str) -> bool:
+        if (address, port) in self._own:
+            return True
+        if port not in self._own_wildcard_ports:
+            return False
+        # A wildcard endpoint of ours on this port answers from any local
+        # address: the one this datagram was sent to, a loopback one, or
+        # another of this host's.
+        if address == client_address(destination) or address.is_loopback:
+            return True
+        local = self._local_cache.get(address)
+        if local is None:
+            if len(self._local_cache) >= 256:  # rare (a port collision), but bounded
+                self._local_cache.clear()
+            local = self._local_cache[address] = _is_local_address(address)
+        return local
 
     def drop(self, reason: str, host: str, port: int) -> None:
         self.dropped[reason] += 1
@@ -136,6 +173,17 @@ class UdpEndpoint:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _is_local_address(address: IPAddress) -> bool:
+    """Whether ``address`` is one of this host's (binding to it succeeds)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
 
 
 def _reply_source(ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:

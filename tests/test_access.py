@@ -165,3 +165,16 @@ def test_per_ip_limit_switched_on_by_reload_counts_clients_already_here(start_mu
     assert attempt(port, "127.0.0.2") == "echo"
     for sock in held:
         sock.close()
+
+
+def test_ipv4_mapped_rules_mean_the_ipv4_addresses(start_muxd) -> None:
+    # muxd logs dual-stack peers as ::ffff:a.b.c.d; a rule pasted from such a
+    # line must match that client (it used to be accepted and never match).
+    port = free_port()
+    start_muxd(access_config(port, deny="::ffff:127.0.0.1"))
+    assert attempt(port, "127.0.0.1") == "closed"
+    assert attempt(port, "127.0.0.2") == "echo"
+    other = free_port()
+    start_muxd(access_config(other, allow="::ffff:0:0/96", deny="::ffff:127.0.0.4/127"))
+    assert [attempt(other, f"127.0.0.{n}") for n in (1, 4, 5, 6)] == \
+        ["echo", "closed", "closed", "echo"]

@@ -104,3 +104,62 @@ def test_detach_is_refused_under_systemd(tmp_path) -> None:
     )
     assert result.returncode != 0
     assert "must not fork" in result.stderr
+
+
+def _run_detached(tmp_path: Path, *args: str, cwd: Path | None = None
+                  ) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    log = tmp_path / f"detach-{len(list(tmp_path.iterdir()))}.log"
+    with open(log, "w") as stderr:
+        result = subprocess.run([sys.executable, "-m", "muxd", "--detach", *args],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=30,
+                                env=env, stdin=subprocess.DEVNULL, cwd=cwd)
+    result.stderr = log.read_text()
+    return result
+
+
+@pytest.mark.parametrize("where", ["missing directory", "read-only filesystem"])
+def test_a_pidfile_that_cannot_be_written_fails_the_command(tmp_path, where) -> None:
+    pidfile = {"missing directory": str(tmp_path / "no-such-dir" / "muxd.pid"),
+               "read-only filesystem": "/sys/muxd-test.pid"}[where]
+    port = free_port()
+    config = tmp_path / "c.ini"
+    config.write_text(server_config(port))
+    result = _run_detached(tmp_path, "--pidfile", pidfile, "--config", str(config))
+    assert result.returncode == 73, result.stderr  # EX_CANTCREAT, as README says
+    assert "cannot detach" in result.stderr and pidfile in result.stderr, result.stderr
+    assert "before it was ready" in result.stderr
+    with pytest.raises(ConnectionRefusedError):  # and nothing is left serving
+        connect(port).close()
+
+
+def test_workers_that_cannot_start_fail_the_command(tmp_path, start_muxd) -> None:
+    port = free_port()
+    start_muxd(server_config(port))  # holds the port
+    config = tmp_path / "w.ini"
+    config.write_text(server_config(port).replace("[limits]", "workers = 2\n[limits]"))
+    result = _run_detached(tmp_path, "--config", str(config))
+    assert result.returncode == 69, result.stderr
+    assert "address already in use" in result.stderr
+
+
+def test_a_relative_config_path_still_reloads_after_detaching(tmp_path) -> None:
+    port = free_port()
+    (tmp_path / "rel.ini").write_text(server_config(port))
+    pidfile = tmp_path / "rel.pid"
+    result = _run_detached(tmp_path, "--pidfile", "rel.pid", "--config", "rel.ini",
+                           cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pid = int(pidfile.read_text())
+    try:
+        with connect(port) as sock:  # ready before the command returned
+            assert echo_once(sock, b"x") == b"x"
+        log = next(tmp_path.glob("detach-*.log"))
+        (tmp_path / "rel.ini").write_text(server_config(port, idle_timeout=5))
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: "reloaded" in log.read_text() or "reload failed" in log.read_text(),
+                   what="the reload to be logged")
+        assert "reload failed" not in log.read_text(), log.read_text()
+        assert f"reloaded {tmp_path / 'rel.ini'}: idle_timeout changed" in log.read_text()
+    finally:
+        os.kill(pid, signal.SIGKILL)

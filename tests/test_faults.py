@@ -9,6 +9,7 @@ log holds no error or traceback the test did not provoke on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -296,6 +297,70 @@ def test_never_readers_cost_at_most_buffer_size_each(start_muxd, backend) -> Non
           f"(max {max(sent) / MiB:.2f} MiB per client); RSS {rss_before // KiB} KiB -> "
           f"peak {worst_rss // KiB} KiB (growth {(worst_rss - rss_before) // KiB} KiB, "
           f"bound {bound // KiB} KiB)")
+    for sock in socks:
+        sock.close()
+    _audit(served)
+
+
+def test_never_readers_cost_about_buffer_size_even_when_it_is_small(start_muxd, backend) -> None:
+    """buffer_size = 4096, far below the 256 KiB receive chunk: 200 clients push
+    without reading until the daemon stops taking their bytes (issue 9, item 3).
+
+    Bound: RSS growth < 200 x (2 x 4096 + 4 KiB) + 4 MiB: what is owed, the
+    allocator's slack and a Connection with its socket per client, plus the
+    interpreter's own growth. A read that may take a whole chunk past the buffer
+    costs ~100 KiB per client instead. Each client's receive buffer is small, so
+    its echo stalls at once and what it sends piles up on the daemon's side."""
+    clients, buffer_size = 200, 4096
+    bound = clients * (2 * buffer_size + 4 * KiB) + 4 * MiB
+    served = _serve(start_muxd, backend, buffer_size=buffer_size)
+    daemon = served.daemon
+    rss_before = daemon.rss_bytes()
+    socks = []
+    for _ in range(clients):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", served.port))
+        sock.setblocking(False)
+        socks.append(sock)
+    chunk = os.urandom(64 * KiB)
+    sent = [0] * clients
+    # First a burst while the daemon is stopped, so that each client's first read
+    # finds far more than buffer_size queued: the case that breaks a read not capped
+    # by the room left under buffer_size.
+    wait_until(lambda: read_counters(daemon)["open"] == clients, what="every client accepted")
+    daemon.signal(signal.SIGSTOP)
+    try:
+        for i, sock in enumerate(socks):
+            with contextlib.suppress(BlockingIOError):
+                while sent[i] < 512 * KiB:
+                    sent[i] += sock.send(chunk)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    last_progress = [time.monotonic()] * clients
+    deadline = time.monotonic() + 60
+    while True:
+        now = time.monotonic()
+        active = [i for i in range(clients) if now - last_progress[i] < 0.5]
+        if not active:
+            break
+        assert now < deadline, f"the daemon kept reading: {sum(sent) // MiB} MiB taken"
+        for i in active:
+            try:
+                sent[i] += socks[i].send(chunk)
+                last_progress[i] = now
+            except BlockingIOError:
+                pass
+        if len(active) < clients:
+            time.sleep(0.01)  # pacing the stalled ones' retries; nothing is awaited
+    growth = daemon.rss_bytes() - rss_before
+    print(f"\n[{backend}] buffer_size 4096: {clients} never-readers pushed "
+          f"{sum(sent) / MiB:.1f} MiB; RSS grew {growth // KiB} KiB "
+          f"({growth / clients / KiB:.1f} KiB per client), bound {bound // KiB} KiB")
+    assert growth < bound, f"RSS grew {growth // KiB} KiB, bound {bound // KiB} KiB"
+    with connect(served.port) as polite:
+        payload = os.urandom(300_000)
+        assert echo_once(polite, payload) == payload
     for sock in socks:
         sock.close()
     _audit(served)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from daemon_harness import (
     echo_once,
     free_port,
     push_until_stalled,
+    read_counters,
     recv_exactly,
     sees_connection_end,
     server_config,
@@ -84,6 +86,29 @@ def test_shutdown_flushes_pending_echo_to_a_slow_reader(start_muxd) -> None:
     assert bytes(received) == payload[:len(received)]
     assert daemon.wait() == 0
     slow.close()
+
+
+def test_sighup_while_draining_sends_nothing_after_stopping(start_muxd) -> None:
+    # STOPPING=1 is final: a RELOADING=1 / READY=1 after it would tell systemd the
+    # service is up again while it drains to exit (issue 9, item 11).
+    port = free_port()
+    daemon = start_muxd(server_config(port, shutdown_timeout=20))
+    slow = connect_slow_reader(port)
+    push_until_stalled(slow, os.urandom(1 << 20))
+    daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("EXTEND_TIMEOUT_USEC")  # draining: echo still owed
+    daemon.signal(signal.SIGHUP)
+    read_counters(daemon)  # SIGUSR1 is handled after the SIGHUP sent before it
+    while slow.recv(1 << 20):  # now read, so the drain can finish
+        pass
+    assert daemon.wait() == 0
+    slow.close()
+    with contextlib.suppress(AssertionError):
+        daemon.notify.wait_for("READY", timeout=0.3)  # collect whatever was sent
+    after_stop = daemon.notify.messages[
+        next(i for i, m in enumerate(daemon.notify.messages) if "STOPPING" in m):]
+    assert not [m for m in after_stop if "RELOADING" in m or "READY" in m], after_stop
+    assert "SIGHUP while stopping: not reloading" in daemon.log
 
 
 def test_shutdown_timeout_closes_a_reader_that_never_reads(start_muxd) -> None:
@@ -232,6 +257,21 @@ def test_no_watchdog_pings_without_watchdog_usec_and_hook_is_off(start_muxd) -> 
         assert echo_once(sock, b"up") == b"up"
 
 
+@pytest.mark.parametrize("usec", ["0", "-400000"])
+def test_a_zero_or_negative_watchdog_usec_means_no_watchdog(start_muxd, usec) -> None:
+    # sd_watchdog_enabled(3): not a positive number, no watchdog. A ping every 0 s
+    # would be a timer due at once, for ever: the loop would never serve again.
+    port = free_port()
+    daemon = start_muxd(server_config(port), env={"WATCHDOG_USEC": usec})
+    with connect(port, timeout=2) as sock:
+        assert echo_once(sock, b"up") == b"up"
+    assert not [m for m in daemon.notify.messages if "WATCHDOG" in m]
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=5) == 0
+    assert time.monotonic() - started < 2, "SIGTERM took too long to be handled"
+
+
 def test_socket_activation_uses_the_inherited_listener(start_muxd, tmp_path) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
@@ -297,3 +337,46 @@ def test_log_connections_names_peer_and_bytes(start_muxd) -> None:
     wait_until(lambda: "disconnect" in daemon.log, what="disconnect line")
     assert f"connect 127.0.0.1:{local_port}" in daemon.log
     assert f"disconnect 127.0.0.1:{local_port} (eof): 5 bytes in, 5 echoed" in daemon.log
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_and_sigusr1_during_start_up_are_handled_not_fatal(start_muxd, tmp_path,
+                                                                  workers) -> None:
+    # An operator's script may reload or ask for counters the moment it has
+    # started muxd. `python -v` reports each import as it happens, so the
+    # signals can be sent while muxd is still importing its own modules, the
+    # window in which their default action used to kill it.
+    port = free_port()
+    config = tmp_path / "early.ini"
+    config.write_text(server_config(port).replace("[limits]", f"workers = {workers}\n[limits]"))
+    daemon = start_muxd(None, ready=False, command=[sys.executable, "-v", "-m", "muxd",
+                                                     "--config", str(config)])
+    cli_import = re.compile(r"muxd/(__pycache__/)?cli[.]")
+    wait_until(lambda: cli_import.search(daemon.log), what="muxd importing its CLI")
+    daemon.signal(signal.SIGHUP)
+    daemon.signal(signal.SIGUSR1)
+    daemon.wait_ready()
+    daemon.wait_log("counters:")
+    daemon.notify.wait_for("RELOADING", "1")
+    daemon.notify.wait_for("READY", "1")
+    assert daemon.process.poll() is None
+    with connect(port) as sock:
+        assert echo_once(sock, b"alive") == b"alive"
+
+
+def test_sighup_while_exiting_after_a_stop_does_not_kill_it(start_muxd) -> None:
+    # From the end of the loop to the exit, the handlers are gone: a SIGHUP
+    # (an operator's reload racing a stop) used to kill the process by
+    # signal instead of letting it exit 0.
+    port = free_port()
+    daemon = start_muxd(server_config(port))
+    daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("STOPPING", "1")
+    sent = 0
+    while daemon.process.poll() is None and sent < 200_000:
+        try:
+            os.kill(daemon.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            break
+        sent += 1
+    assert daemon.wait() == 0

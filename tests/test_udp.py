@@ -126,6 +126,31 @@ def test_two_instances_pointed_at_each_other_do_not_loop(start_muxd) -> None:
     spoofer.close()
 
 
+@pytest.mark.parametrize("b_host", ["127.0.0.1", "0.0.0.0"])
+def test_a_spoofed_datagram_between_two_own_endpoints_does_not_loop(start_muxd, b_host) -> None:
+    # With udp_rate = 0 nothing else would bound it: a datagram to A that claims to
+    # come from B (another of this daemon's endpoints) was echoed to B, which
+    # echoed it to A, for ever (issue 9, item 11). Every own endpoint is a source
+    # to refuse, not only the one receiving; a wildcard one answers from any local
+    # address.
+    a_port, b_port = free_udp_port(), free_udp_port()
+    daemon = start_muxd(udp_config(free_port(), f"127.0.0.1:{a_port}, {b_host}:{b_port}",
+                                   udp_rate=0))
+    spoofer = udp_client("127.0.0.1", b_port)  # shares B's address and port (SO_REUSEADDR)
+    daemon.signal(signal.SIGSTOP)  # so that A's answer cannot reach the spoofer instead of B
+    try:
+        spoofer.sendto(b"ping-pong", ("127.0.0.1", a_port))
+        spoofer.close()
+    finally:
+        daemon.signal(signal.SIGCONT)
+    from daemon_harness import wait_until
+
+    first = wait_until(lambda: (lambda line: line if "0 echoed, 0 dropped" not in line else None)(
+        dump_counters(daemon)), what="the spoofed datagram to be handled")
+    assert "0 echoed, 1 dropped (source is one of muxd's own endpoints 1)" in first, first
+    assert "0 echoed, 1 dropped" in dump_counters(daemon)  # and it stays so
+
+
 def test_udp_is_off_by_default(start_muxd) -> None:
     daemon = start_muxd(server_config(free_port()))
     assert "udp" not in daemon.notify.messages[0]["STATUS"]

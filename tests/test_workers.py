@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import threading
 from pathlib import Path
 
-from daemon_harness import connect, echo_once, free_port, server_config, wait_until
+import pytest
+from daemon_harness import (
+    connect,
+    connect_slow_reader,
+    echo_once,
+    free_port,
+    push_until_stalled,
+    server_config,
+    wait_until,
+)
 
-from muxd.config import EX_CONFIG
+from muxd.listeners import EX_UNAVAILABLE
 
 
 def workers_config(port: int, workers: int = 2, **limits: object) -> str:
@@ -128,9 +138,8 @@ def test_a_worker_that_cannot_bind_fails_the_start(start_muxd) -> None:
     start_muxd(server_config(port))  # holds the port without SO_REUSEPORT
     second = start_muxd(workers_config(port, 2), ready=False)
     status = second.wait()
-    assert status not in (0, EX_CONFIG)
+    assert status == EX_UNAVAILABLE  # found before any worker is forked (check_unserved)
     assert "address already in use" in second.log
-    assert "before it was ready" in second.log
 
 
 def test_workers_do_not_outlive_a_killed_supervisor(start_muxd) -> None:
@@ -150,3 +159,128 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def _owed_clients(daemon, port: int, per_worker: int) -> list[tuple]:
+    """``per_worker`` clients of each worker that send without reading until the
+    daemon stops taking their bytes: each is owed everything it sent."""
+    payload = bytes(range(256)) * 256
+    kept: dict[int, list] = {}
+    for _ in range(64):  # the kernel picks the worker; bounded tries
+        sock = connect_slow_reader(port)
+        sock.sendall(b"")
+        mine = kept.setdefault(worker_of(daemon, sock), [])
+        if len(mine) < per_worker:
+            mine.append(sock)
+        else:
+            sock.close()
+        if len(kept) == 2 and all(len(socks) == per_worker for socks in kept.values()):
+            break
+    assert len(kept) == 2, "the kernel never chose the second worker"
+    return [(sock, push_until_stalled(sock, payload))
+            for socks in kept.values() for sock in socks]
+
+
+def _collect(owed: list[tuple]) -> list[int]:
+    """Read every client's echo concurrently until EOF; the byte counts received."""
+    received = [0] * len(owed)
+
+    def read(index: int, sock) -> None:
+        sock.settimeout(30)
+        expected = bytes(range(256)) * 256
+        total = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                offset = total % len(expected)
+                assert chunk[:64] == (expected * 2)[offset:offset + min(64, len(chunk))]
+                total += len(chunk)
+        except OSError:
+            pass
+        received[index] = total
+
+    threads = [threading.Thread(target=read, args=(index, sock))
+               for index, (sock, _) in enumerate(owed)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return received
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_process_group_stop_drains_every_worker_like_one_process(start_muxd, signum) -> None:
+    # systemd's default KillMode=control-group, a `kill -TERM -PGID` and Ctrl-C all
+    # signal the supervisor AND every worker; the supervisor relays a stop of its
+    # own. A worker must drain once, not take the relay as a second "close now".
+    port = free_port()
+    daemon = start_muxd(workers_config(port, 2, shutdown_timeout=30), preexec=os.setsid)
+    owed = _owed_clients(daemon, port, 2)
+    os.killpg(daemon.pid, signum)
+    received = _collect(owed)
+    assert daemon.wait(30) == 0
+    # What the daemon read it owes back (what it had not read yet is dropped at
+    # a stop, as by a single process): the client must receive all of it.
+    read_by_daemon = []
+    for sock, _ in owed:
+        line = re.search(rf"disconnect 127\.0\.0\.1:{sock.getsockname()[1]} \(\w+\): "
+                         r"(\d+) bytes in", daemon.log)
+        assert line, daemon.log[-2000:]
+        read_by_daemon.append(int(line.group(1)))
+    assert sum(read_by_daemon) > 1 << 20, "clients should be owed megabytes"
+    assert received == read_by_daemon, "echo owed at the stop was lost"
+    assert "again: closing" not in daemon.log
+    for sock, _ in owed:
+        sock.close()
+
+
+def test_reload_of_listen_is_refused_in_supervisor_and_workers_alike(start_muxd) -> None:
+    port, other = free_port(), free_port()
+    daemon = start_muxd(workers_config(port, 2, idle_timeout=300))
+    daemon.write_config(workers_config(other, 2, idle_timeout=200))
+    daemon.signal(signal.SIGHUP)
+    daemon.notify.wait_for("RELOADING", "1")
+    ready = daemon.notify.wait_for("READY", "1")
+    assert f"127.0.0.1:{port}" in ready["STATUS"] and str(other) not in ready["STATUS"]
+    daemon.wait_log("supervisor: reloading")
+    assert "listen changed" in daemon.log.split("supervisor: reloading")[0].split(
+        "reload: ")[-1], daemon.log
+    victim = sorted(children(daemon.pid))[0]
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_log(f"(pid {victim}) was killed by SIGKILL")
+    wait_until(lambda: len(children(daemon.pid) - {victim}) == 2, what="a replacement")
+    wait_until(lambda: daemon.log.count("listening on") == 3, what="the replacement listening")
+    assert daemon.log.count(f"listening on 127.0.0.1:{port}") == 3, daemon.log
+    with pytest.raises(ConnectionRefusedError):
+        connect(other)
+    for _ in range(10):
+        with connect(port) as sock:
+            assert echo_once(sock, b"same port") == b"same port"
+
+
+def test_a_second_workers_instance_on_a_served_port_exits_69(start_muxd) -> None:
+    port, udp_port = free_port(), free_port(socket.AF_INET)
+    first = start_muxd(workers_config(port, 2).replace(
+        "[limits]", f"udp = 127.0.0.1:{udp_port}\n[limits]"))
+    for config in (workers_config(port, 2),
+                   workers_config(free_port(), 2).replace(
+                       "[limits]", f"udp = 127.0.0.1:{udp_port}\n[limits]")):
+        second = start_muxd(config, ready=False)
+        assert second.wait() == EX_UNAVAILABLE, second.log
+        assert "address already in use (another muxd" in second.log
+        assert "supervisor:" not in second.log, "it must not fork workers at all"
+    with connect(port) as sock:
+        assert echo_once(sock, b"still mine") == b"still mine"
+    assert first.process.poll() is None
+
+
+def test_a_stopped_worker_is_replaced_without_a_watchdog(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(workers_config(port, 2))  # no WATCHDOG_USEC from the harness
+    victim = sorted(children(daemon.pid))[0]
+    os.kill(victim, signal.SIGSTOP)
+    daemon.wait_log(f"(pid {victim}) sent no heartbeat", timeout=15)
+    daemon.wait_log(f"(pid {victim}) was killed by SIGKILL")
+    wait_until(lambda: daemon.log.count("listening on") == 3, what="the replacement listening")
+    for _ in range(20):  # none lands on a stopped worker's backlog any more
+        with connect(port, timeout=5) as sock:
+            assert echo_once(sock, b"served") == b"served"

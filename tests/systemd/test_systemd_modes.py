@@ -55,3 +55,52 @@ def test_udp_echo_under_socket_activation(muxd: Container) -> None:
     assert udp_echo(muxd, b"wake up by datagram") == b"wake up by datagram"
     with connected(muxd) as sock:
         assert echo_roundtrip(sock, b"and tcp too\n") == b"and tcp too\n"
+
+
+def test_workers_stop_drains_every_client_under_the_default_kill_mode(muxd: Container) -> None:
+    # KillMode=control-group: systemd sends SIGTERM to the supervisor AND every
+    # worker. Each worker must still drain what it owes (it ignores the SIGTERM
+    # from systemd and stops once, on its supervisor's word), not close at once.
+    import re
+    import threading
+
+    from test_systemd_service import fill_until_stalled
+
+    edit_ini(muxd, {("server", "workers"): "2", ("limits", "shutdown_timeout"): "20",
+                    ("logging", "connections"): "yes"})
+    muxd.systemctl("start", "muxd")
+    clients = [muxd.connect(7) for _ in range(6)]
+    for sock in clients:
+        fill_until_stalled(sock)
+    received = [0] * len(clients)
+
+    def read(index: int) -> None:
+        sock = clients[index]
+        sock.setblocking(True)
+        sock.settimeout(30)
+        try:
+            while chunk := sock.recv(1 << 20):
+                received[index] += len(chunk)
+        except OSError:
+            pass
+
+    mark = muxd.journal_mark()
+    readers = [threading.Thread(target=read, args=(index,)) for index in range(len(clients))]
+    for reader in readers:
+        reader.start()
+    muxd.systemctl("stop", "muxd", timeout=60)
+    for reader in readers:
+        reader.join(30)
+    assert muxd.show("muxd", "Result") == "success"
+    messages = [entry["MESSAGE"] for entry in muxd.journal("-u", "muxd", after=mark)]
+    assert not [m for m in messages if "again: closing" in m], messages
+    owed = {}
+    for message in messages:
+        found = re.search(r"disconnect \S+:(\d+) \(\w+\): (\d+) bytes in", message)
+        if found:
+            owed[int(found.group(1))] = int(found.group(2))
+    for sock, got in zip(clients, received, strict=True):
+        port = sock.getsockname()[1]
+        assert owed.get(port) == got, f"client {port} got {got} of {owed.get(port)} owed"
+        sock.close()
+    assert sum(received) > 1 << 20

@@ -1,0 +1,91 @@
+"""Reload (SIGHUP): read the configuration again and apply what can change while serving.
+
+Owns the rule of what a reload may change: everything but the fields in
+``RESTART_ONLY_FIELDS``, which are logged as needing a restart and kept; an
+invalid file changes nothing; a stopping daemon does not reload. Around it,
+the notify protocol's RELOADING=1 (with MONOTONIC_USEC) and READY=1.
+
+Of the shared state it may: replace ``config``, ``access`` and the UDP guard's
+settings, regroup the per-client counts (and each connection's ``group``)
+when the per-client limit changed, raise RLIMIT_NOFILE, and ask housekeeping
+to reschedule itself when ``idle_timeout`` changed (through the callback it
+is given). It never opens or closes a descriptor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+
+from muxd.access import AccessPolicy, client_address, client_group
+from muxd.config import RESTART_ONLY_FIELDS, ConfigError, changed_fields, load_config
+from muxd.logs import set_level
+from muxd.report import status
+from muxd.resources import raise_nofile
+from muxd.state import Shared
+
+logger = logging.getLogger("muxd")
+
+
+class Reload:
+    def __init__(self, shared: Shared, idle_timeout_changed: Callable[[], None]) -> None:
+        self.shared = shared
+        self._idle_timeout_changed = idle_timeout_changed
+
+    def __call__(self) -> None:
+        shared = self.shared
+        if shared.stopping:
+            # systemd has been told STOPPING=1: a RELOADING=1 and READY=1 now
+            # would tell it the service is up again while it drains to exit.
+            logger.info("SIGHUP while stopping: not reloading")
+            return
+        shared.notifier.reloading()
+        old = shared.config
+        try:
+            new = load_config(shared.config_path)
+        except ConfigError as err:
+            logger.error("reload failed, keeping the running configuration: %s", err)
+            shared.notifier.ready(status(shared))
+            return
+        changed = changed_fields(old, new)
+        needs_restart = [name for name in RESTART_ONLY_FIELDS if name in changed]
+        if needs_restart:
+            logger.warning("reload: %s changed in %s; that takes effect only after a restart",
+                           ", ".join(needs_restart), new.source)
+            new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
+        shared.config = new
+        set_level(new.log_level)
+        shared.access = AccessPolicy.from_config(new)
+        shared.udp_guard.configure(new, shared.access)
+        if (new.max_connections_per_ip, new.ipv6_prefix) != (
+                old.max_connections_per_ip, old.ipv6_prefix):
+            self._regroup_clients()
+        if new.nofile > old.nofile:
+            raise_nofile(new.nofile)
+        if new.idle_timeout != old.idle_timeout:
+            self._idle_timeout_changed()
+        applied = [name for name in changed_fields(old, new) if name != "source"]
+        logger.info("reloaded %s: %s", new.source,
+                    ", ".join(applied) + " changed" if applied else "nothing changed")
+        shared.notifier.ready(status(shared))
+
+    def _regroup_clients(self) -> None:
+        """Count open connections under the per-client limit as it now stands
+        (a limit switched on by a reload counts the clients already here)."""
+        shared = self.shared
+        per_client = shared.per_client
+        per_client.clear()
+        config = shared.config
+        limited = bool(config.max_connections_per_ip)
+        for conn in shared.conns.values():
+            conn.group = None
+            if not limited:
+                continue
+            try:
+                host = conn.sock.getpeername()[0]
+            except (OSError, IndexError):
+                continue
+            if host:
+                conn.group = client_group(client_address(host), config.ipv6_prefix)
+                per_client[conn.group] = per_client.get(conn.group, 0) + 1

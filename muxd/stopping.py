@@ -1,0 +1,143 @@
+"""The graceful stop: stop serving, flush the echo owed, linger, give up at the deadline.
+
+Owns everything between the first SIGTERM and the last close: it sets
+``stopping`` (nothing else does), closes the listeners and UDP endpoints,
+sends STOPPING=1 and EXTEND_TIMEOUT_USEC=, dispatches connection events while
+stopping (flush what is pending, drop the peer's input, never echo again),
+lingers on connections whose echo the peer has not yet acknowledged (a close
+with unread input would answer with RST and throw that echo away), and
+closes whatever is left at ``shutdown_timeout``, or at once on a second
+signal.
+
+Of the shared state it may: set ``stopping``, close listeners, endpoints and
+connections (through ``Shared``), change a connection's poller interest, and
+schedule its own timers (the linger check, the deadline).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import socket
+import struct
+import termios
+from collections.abc import Callable
+
+from muxd.connection import Close, Connection
+from muxd.pollers import READ, WRITE
+from muxd.state import Shared
+
+logger = logging.getLogger("muxd")
+
+LINGER_CHECK = 0.05  # while stopping: how often to look whether a peer has acknowledged all
+
+
+class Stopping:
+    def __init__(self, shared: Shared, other_event: Callable[[int], None]) -> None:
+        self.shared = shared
+        # The loop's handler for an event that is not a connection's (the
+        # signal wakeup socket, or a stale one).
+        self._other_event = other_event
+        self._lingering: set[Connection] = set()  # waiting for echo to be acknowledged
+
+    def begin(self, signame: str) -> None:
+        """A stop was asked for (SIGTERM or SIGINT): the first one drains, a second one
+        closes everything at once."""
+        shared = self.shared
+        if shared.stopping:
+            logger.warning("%s again: closing %d connection(s) without waiting",
+                           signame, len(shared.conns))
+            shared.close_all()
+            return
+        shared.stopping = True
+        shared.notifier.send("STOPPING=1", f"STATUS=stopping ({signame})")
+        for listener in list(shared.listeners.values()):
+            shared.close_listener(listener)
+        shared.close_udp()
+        for conn in list(shared.conns.values()):
+            conn.read_closed = True
+            self._settle(conn)
+        timeout = shared.config.shutdown_timeout
+        logger.info("%s: stopping; %d connection(s) still flushing echo (up to %gs)",
+                    signame, len(shared.conns), timeout)
+        if shared.conns:
+            # Ask systemd for the drain time on top of its own stop timeout.
+            shared.notifier.send(f"EXTEND_TIMEOUT_USEC={int((timeout + 5) * 1e6)}")
+            shared.timers.call_at(shared.now + timeout, self._deadline)
+
+    def dispatch(self, events: list[tuple[int, int]]) -> None:
+        """Dispatch while stopping: no more echo; flush what is pending while
+        dropping the peer's input, then close."""
+        shared = self.shared
+        conns_get = shared.conns.get
+        readable = shared.poller.readable_mask
+        writable = shared.poller.writable_mask
+        close = shared.close
+        for fd, event in events:
+            conn = conns_get(fd)
+            if conn is None:
+                self._other_event(fd)
+                continue
+            if event & writable and conn.pending and conn.on_writable() == Close.RESET:
+                close(conn, Close.RESET)
+                continue
+            if event & readable and conn.interest & READ:
+                result = conn.discard_input()
+                if result == Close.RESET:
+                    close(conn, Close.RESET)
+                    continue
+            self._settle(conn)  # at EOF the peer may still read its echo
+
+    def _settle(self, conn: Connection) -> None:
+        shared = self.shared
+        if not conn.pending:
+            # Nothing left in our buffer, but the kernel may still hold echo
+            # the peer has not acknowledged (a slow reader's small window).
+            # Closing a socket with unread input answers with RST, which
+            # throws that echo away, so: drain the input, and close now only
+            # if the peer has finished sending (no input can follow) or
+            # everything sent has been acknowledged. Otherwise linger: keep
+            # dropping input and check again shortly, until the deadline.
+            if not conn.peer_finished:
+                conn.discard_input()
+            if conn.peer_finished or _unacknowledged(conn.sock) == 0:
+                self._lingering.discard(conn)
+                shared.close(conn, Close.SHUTDOWN)
+                return
+            if conn not in self._lingering:
+                self._lingering.add(conn)
+                if len(self._lingering) == 1:
+                    shared.timers.call_at(shared.now + LINGER_CHECK, self._check_lingering)
+            want = READ
+        else:
+            # Watch reads only until the peer's EOF: under level-triggering a
+            # socket at EOF stays readable and would spin the loop.
+            want = WRITE if conn.peer_finished else READ | WRITE
+        if want != conn.interest:
+            shared.poller.modify(conn.fd, want)
+            conn.interest = want
+
+    def _check_lingering(self) -> None:
+        shared = self.shared
+        for conn in list(self._lingering):
+            if shared.conns.get(conn.fd) is conn:
+                self._settle(conn)
+            else:
+                self._lingering.discard(conn)
+        if self._lingering:
+            shared.timers.call_at(shared.now + LINGER_CHECK, self._check_lingering)
+
+    def _deadline(self) -> None:
+        shared = self.shared
+        if shared.conns:
+            logger.warning("shutdown_timeout reached: closing %d connection(s) with echo "
+                           "still unsent", len(shared.conns))
+        shared.close_all()
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that the peer has not acknowledged yet (SIOCOUTQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
