@@ -1,8 +1,12 @@
-"""Configuration: the INI schema, its defaults, and strict validation.
+"""Configuration: reading the file, the INI schema, its defaults, and strict
+validation. It changes nothing: it returns a frozen Config or raises
+ConfigError.
 
-Every error names the file, section, key, the offending value and what was
-expected, because the operator reading it is usually looking at
-``journalctl`` and not at our source.
+Every error names the file, section, key, the offending value (cut to a
+readable length) and what was expected, because the operator reading it is
+usually looking at ``journalctl`` and not at our source. The daemon's reload
+calls ``load_config`` too, so reading is bounded in time and memory whatever
+the path has become (a FIFO, a device, a huge file).
 """
 
 from __future__ import annotations

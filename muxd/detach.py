@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import sys
 
 import daemon
@@ -34,6 +35,7 @@ from muxd.notify import Notifier
 
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
+EX_INTERRUPTED = 130  # what a shell reports for a command ended by SIGINT
 _READY = b"ready\n"
 
 logger = logging.getLogger("muxd")
@@ -96,16 +98,22 @@ class ReportingNotifier(Notifier):
 def _reclaim_stale_pidfile(path: str) -> None:
     """Remove a pidfile left by a process that no longer runs; refuse a live one."""
     try:
-        with open(path) as file:
-            text = file.read().strip()
+        # O_NONBLOCK and a regular file only: a FIFO would block the open, a
+        # device (/dev/zero) would never end; a PID is a few bytes.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         return
     except OSError as err:
         raise DetachError(f"cannot read pidfile {path}: {err.strerror}") from None
     try:
-        pid = int(text)
-    except ValueError:
-        pid = None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DetachError(f"pidfile {path} is not a regular file")
+        text = os.read(fd, 64).decode(errors="replace").strip()
+    except OSError as err:
+        raise DetachError(f"cannot read pidfile {path}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    pid = int(text) if text.isascii() and text.isdigit() and len(text) <= 10 else None
     if pid is not None and pid > 0:
         try:
             os.kill(pid, 0)
@@ -167,10 +175,15 @@ def detach(pidfile: str | None, keep_fds: list[int]) -> tuple[daemon.DaemonConte
 
 def _await_start(read_end: int, first_child: int) -> int:
     """In the command: the daemon's exit status, 0 once it is ready."""
-    os.waitpid(first_child, 0)
     message = bytearray()
-    while chunk := os.read(read_end, 64):
-        message += chunk
+    try:
+        os.waitpid(first_child, 0)
+        while chunk := os.read(read_end, 64):
+            message += chunk
+    except KeyboardInterrupt:
+        print("muxd: --detach: interrupted while waiting for the daemon, which may still be "
+              "starting", file=sys.stderr)
+        return EX_INTERRUPTED
     os.close(read_end)
     if message == _READY:
         return 0

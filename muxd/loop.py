@@ -3,8 +3,8 @@ signals, timers and systemd together.
 
 Order of work in one turn, and why:
 
-1. Wait for readiness (timeout: the next timer, or 0 when a connection was
-   promised another turn).
+1. Wait for readiness (timeout: the next timer, or 0 when a connection, a
+   UDP endpoint or a listener was promised another turn).
 2. Dispatch every connection event. Closing happens here; *accepting does
    not*. Because no new descriptor is created while a batch is dispatched, a
    descriptor number closed by one event cannot be reused by a new connection

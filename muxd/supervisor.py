@@ -132,7 +132,16 @@ class Supervisor:
         # Signals stay blocked in the child until its own queue handles them:
         # until then it would run the supervisor's handlers, or die of SIGHUP.
         previous_mask = block({*HANDLED, RELAYED_STOP, signal.SIGCHLD})
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:  # out of processes or memory: try again later
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** slot.failures)
+            slot.failures += 1
+            logger.error("supervisor: cannot fork worker %d: %s; trying again in %gs",
+                         index, err.strerror or err, delay)
+            self.timers.call_at(self._now + delay, lambda: self._respawn(index))
+            return
         if pid == 0:  # the worker; never returns
             run_worker(index, self.config, self.config_path, self.inherited,
                        supervisor_pid=self._supervisor_pid, notify_address=self._inbox.address,
@@ -193,7 +202,11 @@ class Supervisor:
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self._stop(signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
-            if self.announced_ready:
+            if self.stopping:
+                # STOPPING=1 is final: RELOADING=1/READY=1 now would tell systemd
+                # the service is up again while it drains to exit.
+                logger.info("supervisor: SIGHUP while stopping: not reloading")
+            elif self.announced_ready:
                 self._reload()
             else:  # reload once every worker is up, as a single process would
                 self._reload_after_ready = True
@@ -310,9 +323,11 @@ class Supervisor:
         # A worker silent this long is hung or stopped (SIGSTOP): replace just
         # that one, with or without systemd's watchdog, rather than let it keep
         # its share of the listening port or have systemd restart every worker.
+        # From its spawn on (last_ping starts there): one stuck before READY=1
+        # would otherwise hold the whole start, and `--detach` waiting for it.
         deadline = self._now - HEARTBEAT_MISSED
         for pid, worker in list(self.workers.items()):
-            if worker.ready and worker.last_ping < deadline and not worker.killed:
+            if worker.last_ping < deadline and not worker.killed:
                 logger.error("supervisor: worker %d (pid %d) sent no heartbeat for %gs; "
                              "killing it", worker.slot, pid, HEARTBEAT_MISSED)
                 worker.killed = True

@@ -178,3 +178,27 @@ def test_ipv4_mapped_rules_mean_the_ipv4_addresses(start_muxd) -> None:
     start_muxd(access_config(other, allow="::ffff:0:0/96", deny="::ffff:127.0.0.4/127"))
     assert [attempt(other, f"127.0.0.{n}") for n in (1, 4, 5, 6)] == \
         ["echo", "closed", "closed", "echo"]
+
+
+def test_access_policy_matches_like_the_networks_it_holds() -> None:
+    # The prefix-table lookup must agree with ipaddress's own membership test.
+    import ipaddress
+    import random
+
+    from muxd.access import AccessPolicy
+
+    rng = random.Random(9)
+    networks = [ipaddress.ip_network(text, strict=False) for text in (
+        "10.0.0.0/8", "192.0.2.7", "198.51.100.0/25", "0.0.0.0/0", "::1", "2001:db8::/32",
+        "2001:db8:1::/48", "fe80::/10", "::/0")]
+    for _ in range(300):
+        allow = rng.sample(networks, rng.randint(0, 3))
+        deny = rng.sample(networks, rng.randint(0, 3))
+        policy = AccessPolicy(allow, deny)
+        for address in (ipaddress.ip_address(a) for a in (
+                "10.1.2.3", "11.0.0.1", "192.0.2.7", "192.0.2.8", "198.51.100.127",
+                "198.51.100.128", "::1", "::2", "2001:db8:1::5", "2001:db9::1", "fe80::1")):
+            expected = not any(address in n for n in deny) and (
+                not allow or any(address in n for n in allow))
+            assert policy.permits(address) == expected, (allow, deny, address)
+

@@ -163,3 +163,17 @@ def test_a_relative_config_path_still_reloads_after_detaching(tmp_path) -> None:
         assert f"reloaded {tmp_path / 'rel.ini'}: idle_timeout changed" in log.read_text()
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "directory"])
+def test_a_pidfile_path_that_is_no_regular_file_is_refused_at_once(tmp_path, kind) -> None:
+    pidfile = {"/dev/zero": "/dev/zero", "fifo": str(tmp_path / "pid.fifo"),
+               "directory": str(tmp_path)}[kind]
+    if kind == "fifo":
+        os.mkfifo(pidfile)
+    config = tmp_path / "c.ini"
+    config.write_text(server_config(free_port()))
+    result = _run_detached(tmp_path, "--pidfile", pidfile, "--config", str(config))
+    assert result.returncode == 73, result.stderr
+    assert f"pidfile {pidfile}" in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr

@@ -437,6 +437,30 @@ def test_flood_of_connect_and_close(start_muxd, backend) -> None:
           f"echoes, worst {probe.worst_latency * 1000:.1f} ms")
 
 
+def test_a_queue_of_reset_connections_never_fills_the_table(start_muxd, backend) -> None:
+    """600 clients connect and reset while the daemon is stopped, so all of them wait
+    in the accept queue at once; max_connections is 100 (issue 9, item 12).
+
+    Accepting the whole queue in one turn would fill the table with connections
+    whose resets wait for the next turn, and refuse the rest as over
+    max_connections. Accepting a bounded number per turn lets each turn's resets be
+    seen before more are taken: nothing is refused, all are closed as reset."""
+    served = _serve(start_muxd, backend, max_connections=100)
+    daemon = served.daemon
+    before = read_counters(daemon)
+    daemon.signal(signal.SIGSTOP)
+    try:
+        for _ in range(600):
+            reset_close(socket.create_connection(("127.0.0.1", served.port), timeout=5))
+    finally:
+        daemon.signal(signal.SIGCONT)
+    wait_until(lambda: read_counters(daemon)["accepted"] >= before["accepted"] + 600,
+               what="every queued connection taken")
+    counts = _audit(served)
+    assert counts["limit"] == 0, f"refused as over max_connections: {counts}"
+    assert counts["reset"] + counts["eof"] - before["eof"] >= 600, counts
+
+
 def test_bursts_past_the_descriptor_limit(start_muxd, backend) -> None:
     raise_own_nofile(4096)
     limit = 128

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -278,9 +279,117 @@ def test_a_stopped_worker_is_replaced_without_a_watchdog(start_muxd) -> None:
     daemon = start_muxd(workers_config(port, 2))  # no WATCHDOG_USEC from the harness
     victim = sorted(children(daemon.pid))[0]
     os.kill(victim, signal.SIGSTOP)
-    daemon.wait_log(f"(pid {victim}) sent no heartbeat", timeout=15)
-    daemon.wait_log(f"(pid {victim}) was killed by SIGKILL")
-    wait_until(lambda: daemon.log.count("listening on") == 3, what="the replacement listening")
-    for _ in range(20):  # none lands on a stopped worker's backlog any more
+    served_in_a_row = 0
+
+    def new_clients_served() -> bool:
+        # The kernel keeps handing the stopped worker its share of new
+        # connections until it is replaced; then every one is served.
+        nonlocal served_in_a_row
+        try:
+            with connect(port, timeout=1) as sock:
+                sock.settimeout(1)
+                served = echo_once(sock, b"served") == b"served"
+        except OSError:
+            served = False
+        served_in_a_row = served_in_a_row + 1 if served else 0
+        return served_in_a_row >= 20
+
+    try:
+        wait_until(new_clients_served, timeout=20, interval=0,
+                   what="20 new clients in a row served after a worker was stopped")
+    finally:
+        _kill_if_left(victim)
+    assert f"(pid {victim}) sent no heartbeat" in daemon.log
+    assert f"(pid {victim}) was killed by SIGKILL" in daemon.log
+
+
+def _kill_if_left(pid: int) -> None:
+    """A stopped worker the daemon failed to replace outlives it (a stopped
+    process ignores its parent-death SIGTERM): the test ends it by PID."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return
+    if state == "T":  # still the stopped worker, not a reused PID
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_sighup_while_workers_drain_sends_nothing_after_stopping(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(workers_config(port, 2, shutdown_timeout=20))
+    slow = connect_slow_reader(port)
+    push_until_stalled(slow, os.urandom(1 << 20))
+    daemon.signal(signal.SIGTERM)
+    daemon.notify.wait_for("STOPPING", "1")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("SIGHUP while stopping")
+    while slow.recv(1 << 20):  # now read, so the drain can finish
+        pass
+    assert daemon.wait() == 0
+    slow.close()
+    with contextlib.suppress(AssertionError):
+        daemon.notify.wait_for("READY", timeout=0.3)  # collect whatever was sent
+    after_stop = daemon.notify.messages[
+        next(i for i, m in enumerate(daemon.notify.messages) if "STOPPING" in m):]
+    assert not [m for m in after_stop if "RELOADING" in m or "READY" in m], after_stop
+
+
+def test_a_worker_stopped_before_it_is_ready_does_not_hold_the_start(start_muxd) -> None:
+    port = free_port()
+    daemon = start_muxd(workers_config(port, 2), ready=False)
+    first = wait_until(lambda: sorted(children(daemon.pid))[:1], interval=0.001,
+                       what="the first worker")[0]
+    os.kill(first, signal.SIGSTOP)  # within a millisecond of its fork: before READY=1
+    try:
+        daemon.wait_ready(timeout=20)
+    finally:
+        _kill_if_left(first)
+    assert f"(pid {first}) sent no heartbeat" in daemon.log
+    for _ in range(10):
         with connect(port, timeout=5) as sock:
-            assert echo_once(sock, b"served") == b"served"
+            assert echo_once(sock, b"started") == b"started"
+
+
+def _pids_cgroup(name: str) -> Path | None:
+    """A new cgroup with the pids controller (v2 or v1), or None where none can be made."""
+    for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/pids")):
+        controllers = root / "cgroup.controllers"
+        if root.name != "pids" and not (controllers.exists()
+                                        and "pids" in controllers.read_text().split()):
+            continue
+        try:
+            group = root / name
+            group.mkdir()
+        except OSError:
+            continue
+        if (group / "pids.max").exists():
+            return group
+        group.rmdir()
+    return None
+
+
+def test_a_worker_that_cannot_be_forked_is_tried_again(start_muxd) -> None:
+    group = _pids_cgroup(f"muxd-test-{os.getpid()}-{free_port()}")
+    if group is None:
+        pytest.skip("no pids cgroup can be made here")
+    try:
+        (group / "pids.max").write_text("2\n")  # the supervisor and one worker
+
+        def join_group() -> None:
+            (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
+        port = free_port()
+        daemon = start_muxd(workers_config(port, 2), ready=False, preexec=join_group)
+        daemon.wait_log("cannot fork worker 1")
+        assert daemon.process.poll() is None, "a failed fork must not end the supervisor"
+        (group / "pids.max").write_text("max\n")
+        daemon.wait_ready(timeout=15)
+        with connect(port) as sock:
+            assert echo_once(sock, b"both") == b"both"
+        daemon.stop()
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            _kill_if_left(int(pid))
+        wait_until(lambda: not (group / "cgroup.procs").read_text().strip(),
+                   what="the test's cgroup to empty")
+        group.rmdir()
