@@ -22,8 +22,8 @@ How a connection survives:
   ignores it (with a log line) if it does not parse.
 
 What a crash loses (README, "Restarts and crashes"): per connection, the
-echo muxd held in memory at that instant: its pending echo (at most
-``buffer_size`` plus one read of 256 KiB) including the chunk being echoed.
+echo muxd held in memory at that instant: its pending echo and the chunk
+being echoed, together at most ``buffer_size`` (connection.py bounds them).
 Also the connections accepted in the turn of the crash, before their batch
 was sent. Every byte the kernel holds (unread input, unacknowledged echo)
 survives.
