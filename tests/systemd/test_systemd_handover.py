@@ -1,6 +1,6 @@
-"""Hand-over in a booted systemd: clients streaming through restarts, a kill -9 and a
-watchdog kill never see an error or an end, and every byte comes back (the crashes:
-only the loss the README allows, counted).
+"""Hand-over in a booted systemd: clients streaming through restarts, an upgrade
+(install.sh again, then restart), a kill -9 and a watchdog kill never see an error or an
+end, and every byte comes back (the crashes: only the loss the README allows, counted).
 
 Scaled for a shared 2-core machine: 30 streaming clients, 6 that stop reading so echo
 piles up in muxd, 4 that half-close with echo still owed (the issue's 200/20/10 at a
@@ -18,7 +18,15 @@ import time
 from collections.abc import Callable
 
 import pytest
-from nspawn import Container, add_drop_in, connected, echo_roundtrip, edit_ini, wait_until
+from nspawn import (
+    Container,
+    add_drop_in,
+    connected,
+    echo_roundtrip,
+    edit_ini,
+    run_packaging_script,
+    wait_until,
+)
 
 pytestmark = pytest.mark.systemd
 
@@ -229,7 +237,7 @@ def run_scenario(container: Container, events: list[str]) -> None:
         active_pilers = [c for c in pilers if c.piled.is_set()]
         for client in active_pilers:
             client.piled.clear()
-        if event != "restart" and not crashed.is_set():
+        if event in ("kill", "watchdog") and not crashed.is_set():
             # From here on, stalls may be the crash's loss; what came before stays strict.
             for client in clients:
                 client.strict_until = len(client.received)
@@ -239,7 +247,12 @@ def run_scenario(container: Container, events: list[str]) -> None:
         dialer = Dialer(container, port)
         dialer.start()
         mark = container.journal_mark()
-        if event == "restart":
+        if event == "upgrade":
+            # install.sh again (reinstalls the package, replaces the units, daemon-reload),
+            # then the restart an upgrade needs.
+            run_packaging_script(container, "install.sh")
+            container.systemctl("restart", "muxd", timeout=60)
+        elif event == "restart":
             container.systemctl("restart", "muxd", timeout=60)
         elif event == "kill":
             container.systemctl("kill", "--kill-who=main", "--signal=SIGKILL", "muxd")
@@ -251,12 +264,12 @@ def run_scenario(container: Container, events: list[str]) -> None:
         took_over = container.wait_for_journal(
             "-u", "muxd", after=mark, match=lambda e: "took over" in e["MESSAGE"], timeout=15)
         message = took_over[-1]["MESSAGE"]
-        if event == "restart":
+        if event in ("restart", "upgrade"):
             assert f"from PID {pids[-2]}" in message, message
         time.sleep(0.5)  # let the dialer make attempts after the event too
         dialer.stop.set()
         dialer.join(60)
-        if event == "restart":
+        if event in ("restart", "upgrade"):
             assert not dialer.failures, (event, dialer.failures)
         assert dialer.served > 0
         for client in active_pilers:
@@ -287,7 +300,7 @@ def run_scenario(container: Container, events: list[str]) -> None:
             assert at >= client.strict_until, (client.name, "lost bytes in a restart", at,
                                                size)
             assert size <= CRASH_LOSS_BOUND, (client.name, size)
-        assert len(gaps) <= sum(e != "restart" for e in events), (client.name, gaps)
+        assert len(gaps) <= sum(e in ("kill", "watchdog") for e in events), (client.name, gaps)
         lost += sum(size for _, size in gaps)
         if client.role == "half-close":
             assert client.eof, f"{client.name}: no EOF after its echo"
@@ -318,7 +331,7 @@ def test_connections_survive_restarts_kill_and_watchdog_in_own_port_mode(
         muxd: Container) -> None:
     add_drop_in(muxd, "muxd.service", "test-handover", TEST_UNIT)
     muxd.systemctl("start", "muxd")
-    run_scenario(muxd, ["restart", "restart", "restart", "kill", "watchdog"])
+    run_scenario(muxd, ["restart", "restart", "upgrade", "restart", "kill", "watchdog"])
     assert muxd.show("muxd", "NFileDescriptorStore") == "0"
 
 
