@@ -8,9 +8,10 @@ descriptors (the spare-descriptor trick, then a timed retry).
 Of the shared state it may: add connections to the connection table and the
 per-client counts (never remove them: that is ``Shared.close``), register a
 new connection in the poller, unregister a listener and register it again
-from a timer to pause accepting, add to ``counters.accepted`` and the
-refusal counts, and tell ``kept`` (hand-over) of each connection admitted.
-It holds its own spare descriptor and its rate-limited refusal logs, which
+from a timer to pause accepting, and add to ``counters.accepted`` and the
+refusal counts, and to the listener's tally (set as the connection's
+``origin``), and tell ``kept`` (hand-over) of each connection admitted. It
+holds its own spare descriptor and its rate-limited refusal logs, which
 housekeeping flushes.
 """
 
@@ -27,7 +28,7 @@ from muxd.connection import Close, Connection
 from muxd.listeners import Listener
 from muxd.logs import RateLimitedLog
 from muxd.pollers import READ, FdOutOfRange
-from muxd.state import Shared, peer_name
+from muxd.state import ListenerTally, Shared, peer_name
 
 logger = logging.getLogger("muxd")
 
@@ -65,6 +66,7 @@ class Admission:
         poller = shared.poller
         fd_limit = poller.fd_limit
         set_nodelay = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
+        tally = shared.tallies[listener.fd]
         kept = shared.kept
         for taken in range(ACCEPTS_PER_TURN):
             try:
@@ -80,18 +82,21 @@ class Admission:
                 self._pause_accepting(listener)
                 return False
             shared.counters.accepted += 1
+            tally.accepted += 1
             fd = sock.fileno()
             if len(conns) >= config.max_connections:
-                self._refuse(sock, f"max_connections ({config.max_connections}) reached")
+                self._refuse(sock, f"max_connections ({config.max_connections}) reached",
+                             tally, "max_connections")
                 continue
             group = None
             if shared.access.active or config.max_connections_per_ip:
-                group = self._admit(sock, peer)
+                group = self._admit(sock, peer, tally)
                 if group is False:
                     continue
             if fd >= fd_limit:
                 self._refuse(sock, f"the {poller.name} backend cannot watch fd {fd} "
-                                   f"(limit {fd_limit}; use epoll or poll to hold more)")
+                                   f"(limit {fd_limit}; use epoll or poll to hold more)",
+                             tally, "cannot_watch")
                 continue
             try:
                 sock.setblocking(False)
@@ -105,9 +110,11 @@ class Admission:
                                   config.buffer_size, shared.now)
                 poller.register(fd, READ)
             except (OSError, FdOutOfRange) as err:
-                self._refuse(sock, f"cannot watch a new connection: {err}")
+                self._refuse(sock, f"cannot watch a new connection: {err}", tally,
+                             "cannot_watch")
                 continue
             conns[fd] = conn
+            conn.origin = tally
             if kept is not None:
                 kept.track(conn)  # into the store with this turn's batch
             if group is not None:
@@ -117,7 +124,7 @@ class Admission:
                 logger.info("connect %s on %s", peer_name(peer), listener.name)
         return True
 
-    def _admit(self, sock: socket.socket, peer: object) -> object:
+    def _admit(self, sock: socket.socket, peer: object, tally: ListenerTally) -> object:
         """Apply [access] and max_connections_per_ip to a new connection: its
         per-client group (None if not limited), or False if it was refused."""
         if not (isinstance(peer, tuple) and peer and peer[0]):
@@ -125,7 +132,8 @@ class Admission:
         shared = self.shared
         address = client_address(peer[0])
         if shared.access.active and not shared.access.permits(address):
-            self._refuse(sock, f"{address} is not allowed by [access]", Close.ACCESS)
+            self._refuse(sock, f"{address} is not allowed by [access]", tally, "access",
+                         Close.ACCESS)
             return False
         config = shared.config
         limit = config.max_connections_per_ip
@@ -135,13 +143,16 @@ class Admission:
         if shared.per_client.get(group, 0) >= limit:
             what = str(address) if address.version == 4 else \
                 f"{address}/{config.ipv6_prefix} (grouped)"
-            self._refuse(sock, f"max_connections_per_ip ({limit}) reached for {what}")
+            self._refuse(sock, f"max_connections_per_ip ({limit}) reached for {what}", tally,
+                         "max_connections_per_ip")
             return False
         return group
 
-    def _refuse(self, sock: socket.socket, why: str, reason: Close = Close.LIMIT) -> None:
+    def _refuse(self, sock: socket.socket, why: str, tally: ListenerTally, kind: str,
+                reason: Close = Close.LIMIT) -> None:
         # Closed at once, without reading a byte from it.
         self.shared.counters.closed[reason] += 1
+        tally.refuse(kind, reason)
         sock.close()
         kind = why.partition(" (")[0] if reason == Close.LIMIT else "access"
         log = self._refusals.get(kind)
@@ -186,6 +197,9 @@ class Admission:
         counters = self.shared.counters
         counters.accepted += closed
         counters.closed[Close.LIMIT] += closed
+        tally = self.shared.tallies[listener.fd]
+        tally.accepted += closed
+        tally.refuse("out_of_descriptors", Close.LIMIT, closed)
         message = f"out of file descriptors ({errno.errorcode.get(err.errno, err.errno)}) " \
                   f"on {listener.name}: closed {closed} waiting connection(s) at once"
         if not (drained or at_budget):

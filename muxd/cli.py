@@ -84,13 +84,18 @@ def main(argv: list[str] | None = None) -> int:
 
     workers = config.workers > 1
     handover = _handover_setup(config, workers)
+    sockets = None
     try:
         # Workers bind their own SO_REUSEPORT sockets after the fork; only
         # inherited ones are taken here, before the environment is cleared.
         sockets = _inherited_sockets(handover) if workers else _open_sockets(config, handover)
         if workers and sockets is None:
             check_unserved(config.listen, config.udp)
+        metrics_sockets = _metrics_sockets(config)
     except ListenerError as err:
+        if sockets:
+            for item in (*sockets[0], *sockets[1]):
+                item.sock.close()
         logger.error("%s", err)
         return err.exit_status
 
@@ -98,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach:
         from muxd.detach import DetachError, detach
 
-        held = [] if sockets is None else [
+        held = [*metrics_sockets] if sockets is None else [
             *(listener.sock for listener in sockets[0]),
             *(endpoint.sock for endpoint in sockets[1]),
+            *metrics_sockets,
         ]
         try:
             context, report = detach(args.pidfile, [sock.fileno() for sock in held])
@@ -121,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         if workers:
             from muxd.supervisor import Supervisor
 
-            status = Supervisor(config, args.config, sockets, notifier, hooks).run()
+            status = Supervisor(config, args.config, sockets, notifier, hooks,
+                                metrics_sockets=metrics_sockets).run()
             return status
         from muxd.loop import EchoServer
 
@@ -131,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                             store=handover.store if handover.enabled else None,
                             store_capacity=handover.capacity,
                             stored_listeners=handover.stored_listeners,
-                            inheritance=handover.inheritance)
+                            inheritance=handover.inheritance,
+                            metrics_sockets=metrics_sockets)
         status = server.run()
         return status
     finally:
@@ -269,6 +277,15 @@ def _open_sockets(config: Config, handover: _HandoverSetup
         for listener in ordered:
             listener.sock.close()
         raise
+
+
+def _metrics_sockets(config: Config) -> list[socket.socket]:
+    """The metrics endpoint's listeners ([metrics] listen), bound by muxd itself
+    even under socket activation; one set for the whole service."""
+    try:
+        return [listener.sock for listener in bind_listeners(config.metrics_listen, 64)]
+    except ListenerError as err:
+        raise ListenerError(f"[metrics] {err}", err.exit_status) from None
 
 
 def _address_of(sock: socket.socket) -> Address | None:

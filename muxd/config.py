@@ -30,7 +30,8 @@ QUOTE_LIMIT = 60  # characters of an offending value quoted in an error line
 MAX_ADDRESSES = 64  # in one listen or udp list
 # Fields a running daemon cannot change (its sockets and processes are made at
 # start): a reload that changes one keeps the running value and says so.
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "handover")
+RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "metrics_listen",
+                       "handover")
 
 
 def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
@@ -119,6 +120,7 @@ class Config:
     udp_total_rate: float = 10000.0
     allow: tuple[IPNetwork, ...] = ()
     deny: tuple[IPNetwork, ...] = ()
+    metrics_listen: tuple[Address, ...] = ()
     source: str = BUILTIN_SOURCE
 
 
@@ -335,6 +337,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("access", "deny"): ("deny", parse_networks),
     ("logging", "level"): ("log_level", _choice("debug", "info", "warning", "error")),
     ("logging", "connections"): ("log_connections", _boolean),
+    ("metrics", "listen"): ("metrics_listen", parse_optional_addresses),
 }
 SECTIONS = tuple(dict.fromkeys(section for section, _ in SCHEMA))
 

@@ -68,6 +68,7 @@ class Connection:
     __slots__ = (
         "sock", "fd", "peer", "pending", "paused", "read_closed", "interest",
         "high_water", "bytes_in", "group", "peer_finished", "progress_mark", "idle_since",
+        "origin",
     )
 
     def __init__(self, sock: socket.socket, peer: object, high_water: int, now: float) -> None:
@@ -84,6 +85,7 @@ class Connection:
         # echoed or still pending, so bytes_out is derived (below).
         self.bytes_in = 0
         self.group: object = None  # the per-client-limit key, when that limit is on
+        self.origin: object = None  # its listener's tally (state.ListenerTally)
         # Idleness is judged by the loop's periodic sweep from progress (bytes
         # moved) rather than by a timestamp written on every event.
         self.progress_mark = 0

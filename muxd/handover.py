@@ -357,6 +357,8 @@ class HandOver:
         state = inherited.state
         records = state.records if state else {}
         adopted = []
+        tallies = {_local_port(listener.sock): shared.tallies.get(fd)
+                   for fd, listener in shared.listeners.items()}
         for item in inherited.connections:
             sock = socket.socket(fileno=item.fd)
             sock.setblocking(False)
@@ -368,6 +370,7 @@ class HandOver:
                     peer = None
             conn = Connection(sock, peer if config.log_connections else None,
                               config.buffer_size, shared.now)
+            conn.origin = tallies.get(_local_port(sock))  # its listener's, by port
             record = records.pop(item.inode, None)
             if record is not None:
                 conn.bytes_in = record.bytes_in
@@ -412,6 +415,14 @@ def describe_takeover(adopted: list[Connection], listeners: int,
     else:
         origin = "without hand-over state (after a crash: echo held in memory is lost)"
     return f"took over {len(adopted)} connections and {listeners} listeners {origin}"
+
+
+def _local_port(sock: socket.socket) -> int | None:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    return name[1] if isinstance(name, tuple) else None
 
 
 def _kib(count: int) -> str:

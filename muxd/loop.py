@@ -33,6 +33,9 @@ and which never calls the loop back except through what it was handed:
 * ``handover.py``: keeping connections in systemd's file descriptor store
   across restarts and crashes (stored per accepting turn, handed over at a
   restart's SIGTERM, taken over at start);
+* ``figures.py``: the metrics endpoint (or a worker's line to its
+  supervisor), and the figures it gathers from the shared state at scrape
+  time; the loop hands it the events of its descriptors;
 * ``state.py``: what they all share (connection table, poller, timers,
   counters) and ``Shared.close``, the one way a connection ends.
 """
@@ -42,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import socket
 import time
 from collections.abc import Sequence
 
@@ -79,6 +83,8 @@ class EchoServer:
         store_capacity: int = 0,
         stored_listeners: Sequence[Listener] = (),
         inheritance: Inheritance | None = None,
+        metrics_sockets: Sequence[socket.socket] = (),
+        metrics_channel: socket.socket | None = None,
     ) -> None:
         self.shared = shared = Shared(config, config_path, listeners, udp_endpoints, poller,
                                       notifier, time.monotonic())
@@ -99,6 +105,13 @@ class EchoServer:
         self.housekeeping = Housekeeping(
             shared, self.reporter, (self.admission.flush_logs, shared.udp_guard.flush_log))
         self.reload = Reload(shared, self.housekeeping.schedule)
+        self.metrics = None
+        if metrics_sockets or metrics_channel is not None:
+            # Imported only here: a daemon that serves no metrics never loads
+            # h11 and the exposition code, nor spends its start-up on them.
+            from muxd.figures import MetricsRoom
+
+            self.metrics = MetricsRoom(shared, self.reload, metrics_sockets, metrics_channel)
         # Hand-over: only when systemd gave us a file descriptor store.
         self.handover: HandOver | None = None
         self._inheritance = inheritance
@@ -117,6 +130,8 @@ class EchoServer:
         if self.handover is not None and self._inheritance is not None:
             self.handover.take_over(self._inheritance)
             self._inheritance = None
+        if self.metrics is not None:
+            self.metrics.start()
         self.housekeeping.schedule()
         interval = watchdog_interval()
         if interval is not None:
@@ -296,6 +311,8 @@ class EchoServer:
             self._udp_event(shared.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
+        elif self.metrics is not None and self.metrics.owns(fd):
+            self.metrics.on_event(fd)
         # else: a stale event for a connection closed earlier in this batch
 
     def _udp_event(self, endpoint: UdpEndpoint) -> None:
@@ -316,11 +333,15 @@ class EchoServer:
                 handover.arm()
         elif signum == signal.SIGTERM and handover is not None and handover.restarting() \
                 and not self.shared.stopping:
+            if self.metrics is not None:
+                self.metrics.close()
             handover.hand_over(__version__)
             self._retry.clear()
             self._udp_retry.clear()
             self._ready_listeners.clear()
         elif signum in (signal.SIGTERM, signal.SIGINT):
+            if self.metrics is not None:
+                self.metrics.close()
             self.stopper.begin(signal.Signals(signum).name)
             # Nothing more to read for echo, and nothing left to accept from.
             self._retry.clear()
@@ -339,6 +360,8 @@ class EchoServer:
 
     def _close_everything(self) -> None:
         shared = self.shared
+        if self.metrics is not None:
+            self.metrics.close()
         shared.close_all()
         for listener in list(shared.listeners.values()):
             shared.close_listener(listener)

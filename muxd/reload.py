@@ -15,6 +15,7 @@ is given). It never opens or closes a descriptor.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -32,6 +33,9 @@ class Reload:
     def __init__(self, shared: Shared, idle_timeout_changed: Callable[[], None]) -> None:
         self.shared = shared
         self._idle_timeout_changed = idle_timeout_changed
+        # For the metrics: loads by result; the start counts as a success.
+        self.results = {"success": 0, "failure": 0}
+        self.last_success = time.time()
 
     def __call__(self) -> None:
         shared = self.shared
@@ -46,6 +50,7 @@ class Reload:
             new = load_config(shared.config_path)
         except ConfigError as err:
             logger.error("reload failed, keeping the running configuration: %s", err)
+            self.results["failure"] += 1
             shared.notifier.ready(status(shared))
             return
         changed = changed_fields(old, new)
@@ -55,6 +60,8 @@ class Reload:
                            ", ".join(needs_restart), new.source)
             new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
         shared.config = new
+        self.results["success"] += 1
+        self.last_success = time.time()
         set_level(new.log_level)
         shared.access = AccessPolicy.from_config(new)
         shared.udp_guard.configure(new, shared.access)

@@ -13,9 +13,11 @@ object instead of on each other. It holds:
 * the poller, the timers and the notifier, which every room may use;
 * the configuration and what is derived from it (``access``, ``udp_guard``),
   which only reload replaces;
-* the counters, which admission and ``close`` add to and report reads;
-* ``stopping``, which only stopping (and a hand-over) sets, and ``now``, the loop's clock
-  reading for the current turn, which only the loop sets;
+* the counters, and each listener's tally (``tallies``, by listener fd: the
+  metrics' per-listener figures), which admission and ``close`` add to and
+  report and figures read; a connection's ``origin`` is its listener's tally;
+* ``stopping``, which only stopping (and a hand-over) sets, and ``now``, the
+  loop's clock reading for the current turn, which only the loop sets;
 * ``kept``: the hand-over room (handover.py) when systemd gave muxd a file
   descriptor store, else None. Admission tells it of every connection it
   admits, ``close`` and ``close_listener`` of every one that ends, so that
@@ -67,6 +69,24 @@ class Keeper(Protocol):
     def forget_listener(self, listener: Listener) -> None: ...
 
 
+class ListenerTally:
+    """One listener's connections since the start (the metrics' per-listener figures)."""
+
+    __slots__ = ("name", "accepted", "closed", "refused", "bytes_in", "bytes_out")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.accepted = 0
+        self.closed = dict.fromkeys(Close, 0)
+        self.refused: dict[str, int] = {}  # by the rule that refused: "max_connections" ...
+        self.bytes_in = 0  # of closed connections; live ones are added when gathered
+        self.bytes_out = 0
+
+    def refuse(self, kind: str, reason: Close, count: int = 1) -> None:
+        self.closed[reason] += count
+        self.refused[kind] = self.refused.get(kind, 0) + count
+
+
 class Shared:
     def __init__(
         self,
@@ -91,6 +111,7 @@ class Shared:
         self.conns: dict[int, Connection] = {}
         self.per_client: dict[object, int] = {}  # connections held per client group
         self.counters = Counters()
+        self.tallies = {listener.fd: ListenerTally(listener.name) for listener in listeners}
         self.stopping = False
         self.now = now
         self.kept: Keeper | None = None
@@ -118,6 +139,11 @@ class Shared:
         counters.closed[Close(reason)] += 1
         counters.bytes_in += conn.bytes_in
         counters.bytes_out += conn.bytes_out
+        tally = conn.origin
+        if tally is not None:
+            tally.closed[reason] += 1
+            tally.bytes_in += conn.bytes_in
+            tally.bytes_out += conn.bytes_out
         if self.config.log_connections:
             logger.info("disconnect %s (%s): %d bytes in, %d echoed",
                         peer_name(conn.peer), Close(reason).name.lower(),

@@ -33,6 +33,7 @@ import signal
 import time
 from dataclasses import dataclass, replace
 
+from muxd.access import AccessPolicy
 from muxd.config import RESTART_ONLY_FIELDS, Config, ConfigError, changed_fields, load_config
 from muxd.logs import set_level
 from muxd.notify import Notifier, watchdog_interval
@@ -74,7 +75,8 @@ class Slot:
 
 class Supervisor:
     def __init__(self, config: Config, config_path: str | None, inherited: tuple | None,
-                 notifier: Notifier, test_hooks: frozenset[str]) -> None:
+                 notifier: Notifier, test_hooks: frozenset[str],
+                 metrics_sockets: list | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.inherited = inherited  # (listeners, udp endpoints) from socket activation
@@ -95,12 +97,21 @@ class Supervisor:
         self._inbox = Inbox()
         self._signals = SignalQueue((*HANDLED, signal.SIGCHLD))
         self._poller = create_poller("poll")
+        self.metrics = None
+        if metrics_sockets:  # [metrics] listen: one endpoint for the service
+            from muxd.service_metrics import ServiceMetrics  # h11 only when it serves
+
+            self.metrics = ServiceMetrics(metrics_sockets, self._poller, self.timers,
+                                          lambda: self._now,
+                                          lambda: AccessPolicy.from_config(self.config))
 
     # --- lifecycle -------------------------------------------------------
 
     def run(self) -> int:
         self._poller.register(self._inbox.fd, READ)
         self._poller.register(self._signals.fd, READ)
+        if self.metrics is not None:
+            self.metrics.start()
         logger.info("supervisor: starting %d workers", len(self.slots))
         for index in range(len(self.slots)):
             self._spawn(index)
@@ -114,11 +125,15 @@ class Supervisor:
                 for fd, _ in events:
                     if fd == self._inbox.fd:
                         self._read_notifications()
+                    elif self.metrics is not None and self.metrics.owns(fd):
+                        self.metrics.on_event(fd)
                     else:
                         for signum in self._signals.take():
                             self._on_signal(signum)
                 self.timers.run_due(self._now)
         finally:
+            if self.metrics is not None:
+                self.metrics.close()
             self._signals.close()
             self._inbox.close()
             self._poller.close()
@@ -132,6 +147,7 @@ class Supervisor:
         # Signals stay blocked in the child until its own queue handles them:
         # until then it would run the supervisor's handlers, or die of SIGHUP.
         previous_mask = block({*HANDLED, RELAYED_STOP, signal.SIGCHLD})
+        channel = self.metrics.channel_for(index) if self.metrics is not None else None
         try:
             pid = os.fork()
         except OSError as err:  # out of processes or memory: try again later
@@ -145,17 +161,22 @@ class Supervisor:
         if pid == 0:  # the worker; never returns
             run_worker(index, self.config, self.config_path, self.inherited,
                        supervisor_pid=self._supervisor_pid, notify_address=self._inbox.address,
-                       heartbeat=HEARTBEAT, drop_supervisor_state=self._drop_in_worker,
-                       test_hooks=self.test_hooks)
+                       heartbeat=HEARTBEAT,
+                       drop_supervisor_state=lambda: self._drop_in_worker(index),
+                       test_hooks=self.test_hooks, metrics_channel=channel)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         slot.worker = self.workers[pid] = Worker(index, pid, self._now, last_ping=self._now)
+        if self.metrics is not None:
+            self.metrics.worker_started(index, pid)
         logger.info("supervisor: worker %d started (pid %d)", index, pid)
 
-    def _drop_in_worker(self) -> None:
+    def _drop_in_worker(self, index: int) -> None:
         """In a just-forked worker: close what is the supervisor's."""
         self._signals.close()
         self._inbox.close()
         self._poller.close()
+        if self.metrics is not None:
+            self.metrics.in_worker(index)
         self.notifier.close()
 
     # --- what workers say ------------------------------------------------
@@ -244,6 +265,8 @@ class Supervisor:
             new = load_config(self.config_path)
         except ConfigError as err:
             logger.error("reload failed, keeping the running configuration: %s", err)
+            if self.metrics is not None:
+                self.metrics.reload_failed()
             self._report(force_ready=True)
             return
         old = self.config
@@ -259,6 +282,8 @@ class Supervisor:
         logger.info("supervisor: reloading %s in every worker (%s)", new.source,
                     ", ".join(changed_fields(self.config, new)) or "nothing changed")
         self.config = new
+        if self.metrics is not None:
+            self.metrics.reload_succeeded()
         set_level(new.log_level)
         self.reloading = True
         for worker in self.workers.values():
@@ -286,6 +311,8 @@ class Supervisor:
                 continue
             slot = self.slots[worker.slot]
             slot.worker = None
+            if self.metrics is not None:
+                self.metrics.worker_gone(worker.slot)
             how = _describe_exit(wait_status)
             if self.stopping:
                 logger.info("supervisor: worker %d (pid %d) %s", worker.slot, pid, how)

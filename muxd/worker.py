@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 
 from muxd.config import Config
@@ -32,12 +33,14 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 def run_worker(index: int, config: Config, config_path: str | None, inherited: tuple | None,
                *, supervisor_pid: int, notify_address: str, heartbeat: float,
-               drop_supervisor_state: Callable[[], None], test_hooks: frozenset[str]) -> None:
-    """In the child just forked: serve as worker ``index`` until stopped, then exit."""
+               drop_supervisor_state: Callable[[], None], test_hooks: frozenset[str],
+               metrics_channel: socket.socket | None = None) -> None:
+    """In the child just forked: serve as worker ``index`` until stopped, then exit.
+    ``metrics_channel``: its end of the line the supervisor gathers metrics on."""
     status = EX_SOFTWARE
     try:
         status = _serve(index, config, config_path, inherited, supervisor_pid, notify_address,
-                        heartbeat, drop_supervisor_state, test_hooks)
+                        heartbeat, drop_supervisor_state, test_hooks, metrics_channel)
     except BaseException:
         logger.exception("worker %d failed", index)
     finally:
@@ -46,7 +49,8 @@ def run_worker(index: int, config: Config, config_path: str | None, inherited: t
 
 def _serve(index: int, config: Config, config_path: str | None, inherited: tuple | None,
            supervisor_pid: int, notify_address: str, heartbeat: float,
-           drop_supervisor_state: Callable[[], None], test_hooks: frozenset[str]) -> int:
+           drop_supervisor_state: Callable[[], None], test_hooks: frozenset[str],
+           metrics_channel: socket.socket | None) -> int:
     from muxd.loop import EchoServer
 
     _die_with_parent(supervisor_pid)
@@ -68,7 +72,8 @@ def _serve(index: int, config: Config, config_path: str | None, inherited: tuple
             logger.error("%s", err)
             return err.exit_status
     server = EchoServer(config, config_path, listeners, create_poller(config.backend),
-                        Notifier(), udp_endpoints=endpoints, test_hooks=test_hooks)
+                        Notifier(), udp_endpoints=endpoints, test_hooks=test_hooks,
+                        metrics_channel=metrics_channel)
     return server.run()
 
 

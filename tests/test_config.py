@@ -56,6 +56,7 @@ BAD_CONFIGS = [
     # (text, words the one-line error must contain)
     ("[limits]\nmax_conections = 5\n", ["[limits] max_conections", "unknown key"]),
     ("[server]\nlisten = nowhere\n", ["[server] listen", "'nowhere'", "HOST:PORT"]),
+    ("[metrics]\nlisten = 127.0.0.1\n", ["[metrics] listen", "'127.0.0.1'", "HOST:PORT"]),
     ("[server]\nlisten = 127.0.0.1:0\n", ["[server] listen", "1 to 65535"]),
     ("[server]\nlisten = 127.0.0.1:70000\n", ["[server] listen", "1 to 65535"]),
     ("[server]\nlisten = ::1:7\n", ["[server] listen", "brackets"]),

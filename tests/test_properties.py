@@ -253,6 +253,10 @@ valid_values = {
     ("access", "deny"): st.sampled_from([
         ("", ()), ("2001:db8::/32", (ipaddress.ip_network("2001:db8::/32"),)),
     ]),
+    ("metrics", "listen"): st.sampled_from([
+        ("", ()), ("127.0.0.1:9707", (("127.0.0.1", 9707),)),
+        ("[::1]:9707, localhost:9708", (("::1", 9707), ("127.0.0.1", 9708))),
+    ]),
 }
 
 
@@ -282,7 +286,7 @@ def test_config_parser_returns_exactly_what_a_valid_file_says(generated) -> None
     config = parse_config_text(text, "valid.ini")
     for field, value in expected.items():
         actual = getattr(config, field)
-        if field in ("listen", "udp"):
+        if field in ("listen", "udp", "metrics_listen"):
             actual = tuple((address.host, address.port) for address in actual)
         if isinstance(value, float):
             assume(not math.isnan(value))

@@ -1,22 +1,30 @@
-"""Session fixtures for the systemd suite: one booted container with muxd installed in it.
+"""Session fixtures for the systemd suite: a booted container per Debian release, muxd in it.
 
-Costs, so the suite stays within a few minutes: the Debian root filesystem is debootstrapped
-once per machine and cached; each session builds a wheelhouse on the host (the container has
-no network), boots the cached tree with --volatile=overlay (pristine every time, ~1 s) and runs
-packaging/install.sh inside it once. Each test then starts from a reset muxd.
+Every systemd test runs once per release in nspawn.RELEASES (bookworm: systemd 252, trixie:
+systemd 257); MUXD_TEST_RELEASES=trixie (comma-separated) narrows a development run.
+Costs, so the suite stays within a few minutes: each release's root filesystem is
+debootstrapped once per machine and cached; each session builds a wheelhouse on the host (the
+container has no network), boots each cached tree with --volatile=overlay (pristine every
+time, ~1 s) and runs packaging/install.sh inside it once. pytest runs all tests of one release
+before booting the next, so only one such container runs at a time. Each test then starts
+from a reset muxd.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from nspawn import (
     MACHINE_PREFIX,
     MUXD_CONFIG,
+    RELEASES,
     SOURCE_INSIDE,
     WHEELHOUSE_INSIDE,
     Container,
@@ -33,6 +41,13 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCE = Path(os.environ.get("MUXD_TEST_SOURCE", REPO))
 CACHE = Path(os.environ.get("MUXD_TEST_CACHE", "/var/cache/muxd-test"))
 REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter")
+# packaging/build-deb.sh's tools (.ci/run installs them).
+DEB_BUILD_TOOLS = ("dpkg-buildpackage", "dh", "scdoc", "lintian")
+DEBS_INSIDE = "/debs"
+SELECTED_RELEASES = tuple(
+    release for release in os.environ.get("MUXD_TEST_RELEASES", ",".join(RELEASES)).split(",")
+    if release
+)
 
 
 def missing_prerequisite() -> str:
@@ -47,24 +62,55 @@ def missing_prerequisite() -> str:
     return ""
 
 
-@pytest.fixture(scope="session")
-def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+def require_prerequisites(extra_tools: tuple[str, ...] = ()) -> None:
     reason = missing_prerequisite()
+    absent = [tool for tool in extra_tools if shutil.which(tool) is None]
+    if not reason and absent:
+        reason = f"{', '.join(absent)} not installed (see packaging/build-deb.sh)"
     if reason:
         # CI sets this so that a machine without the tools fails loudly instead of passing.
         if os.environ.get("MUXD_REQUIRE_SYSTEMD_TESTS") == "1":
             pytest.fail(f"systemd suite required but cannot run: {reason}")
         pytest.skip(reason)
-    rootfs = ensure_rootfs(CACHE, apt_mirror())
-    work = tmp_path_factory.mktemp("systemd")
+
+
+@pytest.fixture(scope="session", params=SELECTED_RELEASES)
+def release(request: pytest.FixtureRequest) -> str:
+    """The Debian release a systemd test runs on (each test runs once per release)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def rootfs(release: str) -> Path:
+    """The cached, debootstrapped root filesystem of this release."""
+    require_prerequisites()
+    return ensure_rootfs(CACHE, apt_mirror(), release)
+
+
+@pytest.fixture(scope="session")
+def source_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # An exported copy (no .git) is what gets installed: install.sh must not need git.
-    source = export_tree(SOURCE, work / "src")
-    wheelhouse = build_wheelhouse(source, work / "wheelhouse")
+    return export_tree(SOURCE, tmp_path_factory.mktemp("source") / "src")
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(source_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheelhouse(source_tree, tmp_path_factory.mktemp("wheelhouse"))
+
+
+@pytest.fixture(scope="session")
+def container(
+    release: str, rootfs: Path, source_tree: Path, wheelhouse: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Container]:
+    """A booted container of this release with muxd installed by packaging/install.sh."""
+    work = tmp_path_factory.mktemp(f"systemd-{release}")
     machine = Container(
         rootfs,
-        name=f"{MACHINE_PREFIX}{os.getpid()}",
-        binds_ro={source: SOURCE_INSIDE, wheelhouse: WHEELHOUSE_INSIDE},
+        name=f"{MACHINE_PREFIX}{release}-{os.getpid()}",
+        binds_ro={source_tree: SOURCE_INSIDE, wheelhouse: WHEELHOUSE_INSIDE},
         log_path=work / "nspawn.log",
+        release=release,
     )
     machine.boot()
     try:
@@ -84,3 +130,70 @@ def muxd(container: Container, pristine_config: str) -> Container:
     """The container with muxd stopped, its units unmodified and the default config."""
     reset_muxd(container, pristine_config)
     return container
+
+
+@dataclass(frozen=True)
+class DebianPackages:
+    """The package as built from this tree, and a newer build of it to upgrade to."""
+
+    directory: Path  # on the host; bound read-only at DEBS_INSIDE
+    version: str
+    newer_version: str
+
+    def inside(self, version: str) -> str:
+        return f"{DEBS_INSIDE}/muxd_{version}_all.deb"
+
+
+def build_deb(source: Path, outdir: Path, *args: str) -> str:
+    result = subprocess.run(
+        [str(source / "packaging" / "build-deb.sh"), *args, str(outdir)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"build-deb.sh failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def debian_packages(
+    source_tree: Path, tmp_path_factory: pytest.TempPathFactory
+) -> DebianPackages:
+    """packaging/build-deb.sh run once per session on the host, lintian included, plus a
+    build of the same tree with a higher version (a newer changelog entry and __version__)."""
+    require_prerequisites(DEB_BUILD_TOOLS)
+    outdir = tmp_path_factory.mktemp("debs")
+    build_deb(source_tree, outdir)
+    version = re.search(r'__version__ = "([^"]+)"',
+                        (source_tree / "muxd/__init__.py").read_text()).group(1)  # type: ignore[union-attr]
+    newer = f"{version}+test1"
+    bumped = export_tree(source_tree, tmp_path_factory.mktemp("newer") / "src")
+    init = bumped / "muxd/__init__.py"
+    init.write_text(init.read_text().replace(f'"{version}"', f'"{newer}"'))
+    changelog = bumped / "packaging/debian/changelog"
+    changelog.write_text(
+        f"muxd ({newer}) unstable; urgency=medium\n\n  * A newer build for the upgrade test."
+        "\n\n -- muxd tests <tests@muxd.invalid>  Tue, 01 Dec 2026 21:00:00 +0000\n\n"
+        + changelog.read_text()
+    )
+    build_deb(bumped, outdir, "--no-lintian")
+    return DebianPackages(outdir, version, newer)
+
+
+@pytest.fixture(scope="module")
+def bare_container(
+    release: str, rootfs: Path, debian_packages: DebianPackages,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Container]:
+    """A booted container of this release without muxd: the built .debs at /debs, no network."""
+    work = tmp_path_factory.mktemp(f"deb-{release}")
+    machine = Container(
+        rootfs,
+        name=f"{MACHINE_PREFIX}deb-{release}-{os.getpid()}",
+        binds_ro={debian_packages.directory: DEBS_INSIDE},
+        log_path=work / "nspawn.log",
+        release=release,
+    )
+    machine.boot()
+    try:
+        yield machine
+    finally:
+        machine.poweroff()

@@ -31,7 +31,10 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-SUITE = "bookworm"
+# Debian releases the suite boots: oldstable (systemd 252, Python 3.11) and stable
+# (systemd 257, Python 3.13). Both come from the mirror of the host's own bookworm sources.
+RELEASES = ("bookworm", "trixie")
+HOST_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 ROOTFS_PACKAGES = (
     "systemd",
@@ -42,6 +45,20 @@ ROOTFS_PACKAGES = (
     "python3-venv",
     "iproute2",
     "procps",
+    # What the Debian package depends on, so that it installs offline; man for `man muxd`.
+    "python3-sdnotify",
+    "python3-daemon",
+    "python3-h11",
+    "man-db",
+    # The non-systemd suite, run in the (unbooted) tree on the release's own Python.
+    # (setuptools: muxd is installed editable into a venv there; trixie's pip lacks it).
+    "python3-pytest",
+    "python3-hypothesis",
+    "python3-setuptools",
+    "haproxy",
+    "gcc",
+    "libc6-dev",
+    "valgrind",
 )
 # Units that only add noise or nondeterminism to a test boot.
 MASKED_UNITS = (
@@ -56,7 +73,7 @@ MASKED_UNITS = (
 )
 # Bump when the recipe changes in a way the package list does not show, so old caches are
 # not reused.
-ROOTFS_RECIPE_VERSION = "1"
+ROOTFS_RECIPE_VERSION = "2"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
@@ -90,7 +107,7 @@ def apt_mirror() -> str:
             )
             uris = fields.get("URIs", "").split()
             suites = fields.get("Suites", "").split()
-            if SUITE in suites:
+            if HOST_SUITE in suites:
                 for uri in uris:
                     if "security" not in uri:
                         return uri.rstrip("/")
@@ -100,39 +117,41 @@ def apt_mirror() -> str:
             continue
         for line in path.read_text().splitlines():
             match = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
-            if match and match.group(2) == SUITE and "security" not in match.group(1):
+            if match and match.group(2) == HOST_SUITE and "security" not in match.group(1):
                 return match.group(1).rstrip("/")
     return DEFAULT_MIRROR
 
 
-def ensure_rootfs(cache_root: Path, mirror: str) -> Path:
-    """Return a Debian root filesystem for booting, debootstrapping it once per machine.
+def ensure_rootfs(cache_root: Path, mirror: str, release: str) -> Path:
+    """Return a Debian root filesystem of `release`, debootstrapping it once per machine.
 
     The tree is built in a scratch directory and renamed into place only when complete, so an
     interrupted build is never mistaken for a finished one. A lock keeps concurrent runs from
     building twice.
     """
-    recipe = "\n".join([SUITE, ROOTFS_RECIPE_VERSION, *ROOTFS_PACKAGES, *MASKED_UNITS])
+    recipe = "\n".join([release, ROOTFS_RECIPE_VERSION, *ROOTFS_PACKAGES, *MASKED_UNITS])
     key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
-    final = cache_root / f"rootfs-{SUITE}-{key}"
+    final = cache_root / f"rootfs-{release}-{key}"
     if final.is_dir():
         return final
     cache_root.mkdir(parents=True, exist_ok=True)
-    with open(cache_root / ".lock", "w") as lock:
+    with open(cache_root / f".lock-{release}", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if final.is_dir():
             return final
         # Whoever holds the lock is the only builder, so leftovers are from interrupted runs.
-        for stale in cache_root.glob(".build-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_root))
+        # (Not ".build-*": an older version of this file, which other checkouts on the machine
+        # may still run, takes another lock and removes every ".build-*" it finds.)
+        for stale in cache_root.glob(f".debootstrap-{release}-*"):
+            _remove_build_tree(stale)
+        build = Path(tempfile.mkdtemp(prefix=f".debootstrap-{release}-", dir=cache_root))
         tree = build / "root"
         debootstrap = subprocess.run(
             [
                 "debootstrap",
                 "--variant=minbase",
                 f"--include={','.join(ROOTFS_PACKAGES)}",
-                SUITE,
+                release,
                 str(tree),
                 mirror,
             ],
@@ -141,10 +160,11 @@ def ensure_rootfs(cache_root: Path, mirror: str) -> Path:
             timeout=900,
         )
         if debootstrap.returncode != 0:
+            _unmount_below(tree)
             log = tree / "debootstrap/debootstrap.log"
             details = log.read_text(errors="replace") if log.exists() else debootstrap.stderr
             raise RuntimeError(
-                f"debootstrap {SUITE} from {mirror} failed ({debootstrap.returncode}):\n"
+                f"debootstrap {release} from {mirror} failed ({debootstrap.returncode}):\n"
                 + "\n".join(details.splitlines()[-30:])
             )
         for unit in MASKED_UNITS:
@@ -158,6 +178,19 @@ def ensure_rootfs(cache_root: Path, mirror: str) -> Path:
         os.rename(tree, final)
         shutil.rmtree(build, ignore_errors=True)
     return final
+
+
+def _unmount_below(tree: Path) -> None:
+    """Undo the mounts (proc, sys) a failed or interrupted debootstrap leaves in its target."""
+    prefix = str(tree.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for mountpoint in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "--lazy", mountpoint], check=False, capture_output=True)
+
+
+def _remove_build_tree(build: Path) -> None:
+    _unmount_below(build)
+    shutil.rmtree(build, ignore_errors=True)
 
 
 def export_tree(repo: Path, dest: Path) -> Path:
@@ -214,8 +247,10 @@ def _enter_netns(pid: int) -> None:
 class Container:
     """One booted systemd-nspawn container: run commands in it, reach its files and sockets."""
 
-    def __init__(self, rootfs: Path, name: str, binds_ro: dict[Path, str], log_path: Path):
+    def __init__(self, rootfs: Path, name: str, binds_ro: dict[Path, str], log_path: Path,
+                 release: str):
         self.rootfs = rootfs
+        self.release = release
         self.name = name
         self.binds_ro = binds_ro
         self.log_path = log_path
@@ -332,11 +367,7 @@ class Container:
                     self.nspawn.wait(timeout=15)
         for cgroup in self._cgroups:
             _remove_cgroup_tree(cgroup)
-        for leftover in Path("/run/systemd/nspawn").glob(f"*/{self.name}"):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+        _remove_nspawn_leftovers(self.name)
         self.init_pid = 0
 
     # --- inside the container ------------------------------------------------------------
@@ -445,6 +476,54 @@ class Container:
                 max_workers=1, initializer=_enter_netns, initargs=(self.init_pid,)
             )
         return self._dialer
+
+
+def run_in_tree(
+    rootfs: Path, name: str, command: list[str], binds: dict[Path, str], timeout: float,
+    chdir: str = "/",
+) -> int:
+    """Run one command in the (unbooted) root filesystem of a release, in a container of its
+    own: its own network namespace (only lo), a throwaway overlay over the cached tree, and a
+    stub init as PID 1 so the command can reap what it starts. Output goes to ours.
+    """
+    cgroups = [root / f"nspawn-{name}" for root in _cgroup_roots()]
+    for cgroup in cgroups:
+        cgroup.mkdir(exist_ok=True)
+    cgroup_procs = [str(cgroup / "cgroup.procs") for cgroup in cgroups]
+
+    def prepare_child() -> None:
+        for procs in cgroup_procs:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    nspawn = [
+        "systemd-nspawn", "--quiet", f"--directory={rootfs}", f"--machine={name}",
+        "--register=no", "--keep-unit", "--private-network", "--volatile=overlay",
+        "--console=pipe", "--as-pid2", f"--chdir={chdir}", "--setenv=LANG=C.UTF-8",
+        *(f"--bind={host}:{inside}" for host, inside in binds.items()),
+        *command,
+    ]
+    process = subprocess.Popen(nspawn, stdin=subprocess.DEVNULL, preexec_fn=prepare_child)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        raise
+    finally:
+        for cgroup in cgroups:
+            _remove_cgroup_tree(cgroup)
+        _remove_nspawn_leftovers(name)
+
+
+def _remove_nspawn_leftovers(name: str) -> None:
+    """What nspawn leaves under /run/systemd/nspawn for a machine that has exited."""
+    for leftover in Path("/run/systemd/nspawn").glob(f"*/{name}"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _remove_cgroup_tree(root: Path, attempts: int = 50) -> None:

@@ -5,9 +5,19 @@ from __future__ import annotations
 import time
 
 import pytest
-from nspawn import MUXD_CONFIG, Container, connected, echo_roundtrip, edit_ini, wait_until
+from nspawn import (
+    MUXD_CONFIG,
+    Container,
+    add_drop_in,
+    connected,
+    echo_roundtrip,
+    edit_ini,
+    wait_until,
+)
 
 pytestmark = pytest.mark.systemd
+
+BROKEN = "[limits]\nidle_timeout = forever\n"
 
 
 def reload_and_wait(container: Container) -> None:
@@ -37,14 +47,74 @@ def test_reload_keeps_open_connection_and_applies_idle_timeout(muxd: Container) 
         assert 0.5 <= time.monotonic() - opened <= 6
 
 
-def test_broken_config_on_reload_is_logged_and_old_one_kept(muxd: Container) -> None:
+def test_broken_config_on_sighup_is_logged_and_old_one_kept(muxd: Container) -> None:
+    """A SIGHUP that bypasses the unit's check (kill -HUP) finds muxd refusing the file."""
     muxd.systemctl("start", "muxd")
     pid = muxd.main_pid()
     mark = muxd.journal_mark()
-    muxd.write_file(MUXD_CONFIG, "[limits]\nidle_timeout = forever\n[bogus\n")
-    reload_and_wait(muxd)
-    muxd.wait_for_journal("-u", "muxd", "-p", "warning", after=mark)
+    muxd.write_file(MUXD_CONFIG, BROKEN)
+    muxd.run(["kill", "-HUP", str(pid)])
+    muxd.wait_for_journal("-u", "muxd", "-p", "warning", after=mark,
+                          match=lambda e: "keeping the running configuration" in e["MESSAGE"])
     assert muxd.show("muxd", "ActiveState") == "active"
     assert muxd.main_pid() == pid
     with connected(muxd) as sock:
         assert echo_roundtrip(sock, b"old config still serves\n") == b"old config still serves\n"
+
+
+def assert_failed_reload_says_why(container: Container, pid: int) -> None:
+    result = container.run(["systemctl", "reload", "muxd"], check=False, timeout=20)
+    assert result.returncode != 0, "systemctl reload accepted a broken config"
+    assert "Job for muxd.service failed" in result.stderr, result.stderr
+    # Where systemctl points the operator: the check's own line, naming file, section and key.
+    status = container.systemctl("status", "--no-pager", "-n", "20", "muxd", check=False)
+    assert f"configuration error: {MUXD_CONFIG}: [limits] idle_timeout = 'forever'" in status, \
+        status
+    assert "Reload failed" in status, status
+    assert container.show("muxd", "ActiveState") == "active"
+    assert container.main_pid() == pid
+    with connected(container) as sock:
+        assert echo_roundtrip(sock, b"still serving\n") == b"still serving\n"
+
+
+def test_reload_of_a_broken_config_fails_and_says_why(muxd: Container) -> None:
+    muxd.systemctl("start", "muxd")
+    pid = muxd.main_pid()
+    mark = muxd.journal_mark()
+    muxd.write_file(MUXD_CONFIG, BROKEN)
+    assert_failed_reload_says_why(muxd, pid)
+    # ExecReload's check came first: the daemon was never asked to load the file.
+    main = [e for e in muxd.journal("-u", "muxd", after=mark) if e.get("_PID") == str(pid)]
+    assert not main, [e["MESSAGE"] for e in main]
+
+
+NOTIFY_RELOAD = """\
+[Service]
+Type=notify-reload
+ExecReload=
+ExecReload=/opt/muxd/bin/muxd --config /etc/muxd/muxd.ini --check-config
+"""
+
+
+def test_notify_reload_drop_in_reloads_and_reports_a_broken_config(muxd: Container) -> None:
+    """systemd >= 253: systemd sends SIGHUP itself and waits for RELOADING=1 ... READY=1.
+    It signals before it runs ExecReload, so the check no longer guards the daemon (muxd
+    refuses the file on its own), but it still fails the reload job and says why."""
+    major = int(muxd.run(["systemctl", "--version"]).stdout.split()[1])
+    if major < 253:
+        pytest.skip(f"Type=notify-reload needs systemd 253 or later, this is {major}")
+    add_drop_in(muxd, "muxd.service", "notify-reload", NOTIFY_RELOAD)
+    muxd.systemctl("start", "muxd")
+    assert muxd.show("muxd", "Type") == "notify-reload"
+    pid = muxd.main_pid()
+    with connected(muxd) as kept:
+        edit_ini(muxd, {("limits", "idle_timeout"): "1"})
+        mark = muxd.journal_mark()
+        muxd.systemctl("reload", "muxd", timeout=20)
+        muxd.wait_for_journal("-u", "muxd", after=mark,
+                              match=lambda e: "reloaded" in e["MESSAGE"])
+        assert echo_roundtrip(kept, b"after reload\n") == b"after reload\n"
+    assert muxd.main_pid() == pid
+
+    muxd.write_file(MUXD_CONFIG, BROKEN)
+    assert_failed_reload_says_why(muxd, pid)

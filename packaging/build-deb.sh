@@ -1,0 +1,67 @@
+#!/bin/bash
+# Build the Debian package from this tree with Debian's own tools, offline:
+#   packaging/build-deb.sh [--no-lintian] [OUTDIR]      # writes OUTDIR/muxd_VERSION_all.deb
+# OUTDIR defaults to dist/ in this tree. Needs (Debian 12 or 13):
+#   apt-get install --no-install-recommends build-essential debhelper dh-python \
+#       pybuild-plugin-pyproject python3-all python3-setuptools scdoc lintian
+# The version comes from muxd/__init__.py; packaging/debian/changelog must name the same one.
+# lintian -I --pedantic runs on the result and fails the build on any error or warning.
+set -euo pipefail
+
+say() { printf 'build-deb.sh: %s\n' "$*"; }
+die() { printf 'build-deb.sh: error: %s\n' "$*" >&2; exit 1; }
+
+lintian=yes
+outdir=
+for arg in "$@"; do
+    case $arg in
+        --no-lintian) lintian=no ;;
+        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        -*) die "unknown option: $arg" ;;
+        *) [[ -z $outdir ]] || die "one OUTDIR only"; outdir=$arg ;;
+    esac
+done
+
+script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+repo=$(dirname -- "$script_dir")
+outdir=${outdir:-$repo/dist}
+for tool in dpkg-buildpackage dpkg-parsechangelog dh scdoc; do
+    command -v "$tool" >/dev/null || die "$tool not found (see the apt-get line in $0)"
+done
+
+version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$repo/muxd/__init__.py")
+[[ -n $version ]] || die "no __version__ in $repo/muxd/__init__.py"
+changelog_version=$(dpkg-parsechangelog -l "$script_dir/debian/changelog" -S Version)
+[[ $changelog_version == "$version" ]] \
+    || die "muxd/__init__.py says $version but packaging/debian/changelog says" \
+           "$changelog_version: add a changelog entry for $version"
+
+# A scratch copy with the packaging at debian/, so the tree itself gets no build output.
+work=$(mktemp -d)
+trap 'rm -rf -- "$work"' EXIT
+src=$work/muxd-$version
+mkdir "$src"
+tar -C "$repo" -cf - \
+    --exclude=.git --exclude=.venv --exclude=venv --exclude=build --exclude=dist \
+    --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache \
+    --exclude=.ruff_cache --exclude=.hypothesis --exclude=bench/out --exclude=bench/build \
+    --exclude=packaging/debian \
+    . | tar -C "$src" -xf -
+cp -r "$script_dir/debian" "$src/debian"
+
+# A clean environment: a python3 earlier in PATH (pyenv, a venv) breaks pybuild.
+clean_env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$work" LANG=C.UTF-8)
+say "building muxd $version in $src"
+(cd "$src" && "${clean_env[@]}" dpkg-buildpackage -us -uc -b) >"$work/build.log" 2>&1 \
+    || { tail -n 40 "$work/build.log" >&2; die "dpkg-buildpackage failed (log above)"; }
+
+deb=muxd_${version}_all.deb
+[[ -f $work/$deb ]] || die "dpkg-buildpackage made no $deb"
+if [[ $lintian == yes ]]; then
+    say "lintian -I --pedantic"
+    "${clean_env[@]}" lintian -I --pedantic --fail-on error,warning "$work"/muxd_*.changes \
+        || die "lintian reported errors or warnings (above)"
+fi
+mkdir -p "$outdir"
+cp "$work/$deb" "$outdir/$deb"
+say "wrote $outdir/$deb"
