@@ -266,8 +266,14 @@ def _open_sockets(config: Config, handover: _HandoverSetup
     fresh = tuple(address for address in config.listen if address not in kept)
     listeners = bind_listeners(fresh, config.backlog) if fresh else []
     if handover.enabled and handover.store is not None:
-        for listener in listeners:
-            handover.store.store_now(listener.fd, LISTENER_NAME)
+        store = handover.store
+        again = list(listeners)
+        if inheritance is not None and LISTENER_NAME in inheritance.restore_names:
+            # A foreign descriptor stored as a listener goes only with the whole name.
+            store.remove(LISTENER_NAME)
+            again += kept.values()
+        for listener in again:
+            store.store_now(listener.fd, LISTENER_NAME)
         handover.stored_listeners = [*kept.values(), *listeners]
     by_address = {**kept, **{_address_of(listener.sock): listener for listener in listeners}}
     ordered = [by_address[address] for address in config.listen if address in by_address]

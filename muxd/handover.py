@@ -21,7 +21,7 @@ How a connection survives:
   offset is shared with the old copy), asks the store to remove it, and
   ignores it (with a log line) if it does not parse.
 
-What a crash loses (README, "Restarts and crashes"): per connection, the
+What a crash loses (README, "Restarts, upgrades and crashes"): per connection, the
 echo muxd held in memory at that instant: its pending echo and the chunk
 being echoed, together at most ``buffer_size`` (connection.py bounds them).
 Also the connections accepted in the turn of the crash, before their batch

@@ -191,6 +191,7 @@ def test_foreign_and_damaged_descriptors_are_dropped_and_muxd_serves(
         stray.bind(("127.0.0.1", 0))
         stray.listen()
         pid1.store_foreign(regular.fileno(), "conn")
+        pid1.store_foreign(regular.fileno(), "listen")
         pid1.store_foreign(udp.fileno(), "conn")
         pid1.store_foreign(corrupt, "state-1")
         pid1.store_foreign(foreign, "state-2")
