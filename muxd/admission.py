@@ -10,8 +10,9 @@ per-client counts (never remove them: that is ``Shared.close``), register a
 new connection in the poller, unregister a listener and register it again
 from a timer to pause accepting, and add to ``counters.accepted`` and the
 refusal counts, and to the listener's tally (set as the connection's
-``origin``). It holds its own spare descriptor and its rate-limited
-refusal logs, which housekeeping flushes.
+``origin``), and tell ``kept`` (hand-over) of each connection admitted. It
+holds its own spare descriptor and its rate-limited refusal logs, which
+housekeeping flushes.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Admission:
         set_nodelay = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
         header_wait = self.header_wait if config.proxy_protocol else None
         tally = shared.tallies[listener.fd]
+        kept = shared.kept
         for taken in range(ACCEPTS_PER_TURN):
             try:
                 sock, peer = accept()
@@ -121,6 +123,8 @@ class Admission:
                 continue
             conns[fd] = conn
             conn.origin = tally
+            if kept is not None:
+                kept.track(conn)  # into the store with this turn's batch
             if group is not None:
                 conn.group = group
                 shared.per_client[group] = shared.per_client.get(group, 0) + 1

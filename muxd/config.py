@@ -32,7 +32,7 @@ MAX_ADDRESSES = 64  # in one listen or udp list
 # start): a reload that changes one keeps the running value and says so.
 # proxy_protocol is what every listener speaks (README, "Behind a load balancer").
 RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "metrics_listen",
-                       "proxy_protocol")
+                       "proxy_protocol", "handover")
 
 
 def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
@@ -114,6 +114,7 @@ class Config:
     log_level: str = "info"
     log_connections: bool = False
     udp: tuple[Address, ...] = ()
+    handover: bool = True
     max_connections_per_ip: int = 0
     ipv6_prefix: int = 64
     udp_rate: float = 100.0
@@ -327,6 +328,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("server", "workers"): ("workers", _workers),
     ("server", "proxy_protocol"): ("proxy_protocol", _boolean),
     ("server", "proxy_from"): ("proxy_from", parse_networks),
+    ("server", "handover"): ("handover", _boolean),
     ("limits", "nofile"): ("nofile", _int_in(64, 1 << 20)),
     ("limits", "max_connections"): ("max_connections", _int_in(1, 1 << 20)),
     ("limits", "idle_timeout"): ("idle_timeout", _seconds(86400 * 365)),

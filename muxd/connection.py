@@ -215,6 +215,10 @@ class Connection:
                 return Close.RESET
         return 0
 
+    def wanted(self) -> int:
+        """What the connection wants next, from its state alone (a taken-over one)."""
+        return self._wanted()
+
     def _wanted(self) -> int:
         if self.pending:
             if self.read_closed or self.paused:

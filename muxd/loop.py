@@ -32,6 +32,9 @@ and which never calls the loop back except through what it was handed:
 * ``reload.py``: apply a new configuration (SIGHUP);
 * ``housekeeping.py``: the idle sweep and log flushing;
 * ``report.py``: counters, STATUS=, READY=1, WATCHDOG=1, descriptions;
+* ``handover.py``: keeping connections in systemd's file descriptor store
+  across restarts and crashes (stored per accepting turn, handed over at a
+  restart's SIGTERM, taken over at start);
 * ``figures.py``: the metrics endpoint (or a worker's line to its
   supervisor), and the figures it gathers from the shared state at scrape
   time; the loop hands it the events of its descriptors;
@@ -49,9 +52,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from muxd import __version__
 from muxd.admission import Admission
 from muxd.config import Config
 from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection, read_size
+from muxd.fdstore import FdStore
+from muxd.handover import RESTART_SIGNAL, HandOver, Inheritance
 from muxd.housekeeping import Housekeeping
 from muxd.listeners import Listener
 from muxd.notify import Notifier, watchdog_interval
@@ -79,6 +85,10 @@ class EchoServer:
         notifier: Notifier,
         udp_endpoints: Sequence[UdpEndpoint] = (),
         test_hooks: frozenset[str] = frozenset(),
+        store: FdStore | None = None,
+        store_capacity: int = 0,
+        stored_listeners: Sequence[Listener] = (),
+        inheritance: Inheritance | None = None,
         metrics_sockets: Sequence[socket.socket] = (),
         metrics_channel: socket.socket | None = None,
     ) -> None:
@@ -120,6 +130,12 @@ class EchoServer:
             from muxd.figures import MetricsRoom
 
             self.metrics = MetricsRoom(shared, self.reload, metrics_sockets, metrics_channel)
+        # Hand-over: only when systemd gave us a file descriptor store.
+        self.handover: HandOver | None = None
+        self._inheritance = inheritance
+        if store is not None:
+            self.handover = shared.kept = HandOver(shared, store, store_capacity,
+                                                   stored_listeners)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -129,6 +145,9 @@ class EchoServer:
         for fd in [*shared.listeners, *shared.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
+        if self.handover is not None and self._inheritance is not None:
+            self.handover.take_over(self._inheritance)
+            self._inheritance = None
         if self.metrics is not None:
             self.metrics.start()
         self.housekeeping.schedule()
@@ -258,9 +277,13 @@ class EchoServer:
                 for listener in ready:
                     if listener.fd in listeners and self.admission.accept(listener):
                         self._ready_listeners.append(listener)  # clients still queued
+                if self.handover is not None:
+                    self.handover.flush()  # one store message for this turn's admissions
             if self._signalled:
                 self._signalled = False
-                for signum in self.signals.take():
+                # The stop hook's restart signal first: with the SIGTERM right
+                # behind it, both may be taken at once, in number order.
+                for signum in sorted(self.signals.take(), key=RESTART_SIGNAL.__ne__):
                     self._on_signal(signum)
                 chunk, into = self._read_size()  # a reload may have changed buffer_size
             if now >= timers.next_due:
@@ -324,7 +347,19 @@ class EchoServer:
     # --- signals ---------------------------------------------------------
 
     def _on_signal(self, signum: int) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        handover = self.handover
+        if signum == RESTART_SIGNAL:
+            if handover is not None:
+                handover.arm()
+        elif signum == signal.SIGTERM and handover is not None and handover.restarting() \
+                and not self.shared.stopping:
+            if self.metrics is not None:
+                self.metrics.close()
+            handover.hand_over(__version__)
+            self._retry.clear()
+            self._udp_retry.clear()
+            self._ready_listeners.clear()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
             if self.metrics is not None:
                 self.metrics.close()
             self.stopper.begin(signal.Signals(signum).name)

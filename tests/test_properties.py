@@ -248,6 +248,7 @@ valid_values = {
         ("", ()), ("192.0.2.0/24, ::1", (ipaddress.ip_network("192.0.2.0/24"),
                                          ipaddress.ip_network("::1/128"))),
     ]),
+    ("server", "handover"): st.sampled_from([("yes", True), ("Off", False)]),
     ("limits", "max_connections_per_ip"): st.integers(0, 1 << 20).map(lambda n: (str(n), n)),
     ("limits", "ipv6_prefix"): st.integers(1, 128).map(lambda n: (str(n), n)),
     ("limits", "udp_rate"): st.floats(0, 1_000_000).map(lambda x: (repr(x), x)),
