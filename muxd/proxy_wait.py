@@ -177,6 +177,13 @@ class HeaderWait:
         conn = Connection(sock, peer, shared.config.buffer_size, shared.now)
         shared.conns[fd] = conn
         conn.origin = waiting.tally
+        kept = shared.kept
+        if kept is not None:
+            # Into the store now, not with the next accepting turn's batch: the
+            # header is consumed, so a restart that had not stored it would
+            # close a connection the next process could not take back.
+            kept.track(conn)
+            kept.flush()
         if group is not None:
             conn.group = group
             shared.per_client[group] = shared.per_client.get(group, 0) + 1

@@ -255,3 +255,26 @@ def test_sigterm_without_the_stop_hook_is_the_graceful_stop(pid1, start_muxd, tm
     assert sock.recv(10) == b""
     wait_until(lambda: pid1.names() == [], what="an empty store after a stop")
     sock.close()
+
+
+
+
+def test_a_proxied_connection_is_stored_once_its_header_is_read_and_kept_at_restart(
+        pid1, start_muxd, tmp_path) -> None:
+    """With proxy_protocol, admission happens when the header has been read, outside an
+    accepting turn; the connection must be in the store all the same, and the next
+    process must serve it as echo (its header is gone), not wait for a header again."""
+    port = free_port()
+    config = server_config(port).replace(
+        "[limits]", "proxy_protocol = yes\nproxy_from = 127.0.0.1\n[limits]")
+    unit = Unit(pid1, start_muxd, config, tmp_path)
+    first = unit.daemon
+    client = connect(port)
+    client.sendall(b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 7\r\n")
+    assert echo_once(client, b"before") == b"before"
+    wait_until(lambda: pid1.count("conn") == 1, what="the proxied connection in the store")
+
+    second = unit.restart()
+    second.wait_log(f"took over 1 connections and 1 listeners from PID {first.pid}")
+    assert echo_once(client, b"PROXY after") == b"PROXY after"  # echo, not a header
+    client.close()
