@@ -9,6 +9,7 @@ a venv that sees those system packages gets this checkout installed editable, wi
 index and without build isolation, and pytest runs there on everything but tests/systemd.
 So trixie's run tests muxd on Python 3.13 with trixie's sdnotify and python-daemon, and
 bookworm's on the oldest versions muxd supports (python3-daemon 2.3.2, python3-sdnotify 0.3.1).
+MUXD_TEST_BACKENDS (a comma list, e.g. epoll) limits the tests run per backend to those.
 Exits with pytest's status. `--prepare` only builds (or finds) every release's cached root
 filesystem, all at once: on a fresh machine, .ci/run starts it before anything else.
 """
@@ -28,6 +29,8 @@ CACHE = Path(os.environ.get("MUXD_TEST_CACHE", "/var/cache/muxd-test"))
 INSIDE = "/src/muxd"
 SCRIPT = """\
 set -e
+export MUXD_TEST_BACKENDS="$1"  # empty: every backend
+shift
 python3 --version
 # A new network namespace starts with unprivileged ICMP sockets off ("1 0"); the host, where
 # the suite also runs, allows them (test_activation opens one).
@@ -59,7 +62,8 @@ def main(argv: list[str]) -> int:
         source = export_tree(REPO, Path(scratch) / "src")
         return run_in_tree(
             rootfs, f"{MACHINE_PREFIX}suite-{release}-{os.getpid()}",
-            ["bash", "-c", SCRIPT, "-", *pytest_args], binds={source: INSIDE},
+            ["bash", "-c", SCRIPT, "-", os.environ.get("MUXD_TEST_BACKENDS", ""), *pytest_args],
+            binds={source: INSIDE},
             timeout=1800, chdir=INSIDE,
         )
 
