@@ -10,8 +10,9 @@ per-client counts (never remove them: that is ``Shared.close``), register a
 new connection in the poller, unregister a listener and register it again
 from a timer to pause accepting, and add to ``counters.accepted`` and the
 refusal counts, and to the listener's tally (set as the connection's
-``origin``). It holds its own spare descriptor and its rate-limited
-refusal logs, which housekeeping flushes.
+``origin``), and tell ``kept`` (hand-over) of each connection admitted. It
+holds its own spare descriptor and its rate-limited refusal logs, which
+housekeeping flushes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import resource
 import socket
+from collections.abc import Callable
 
 from muxd.access import client_address, client_group
 from muxd.connection import Close, Connection
@@ -52,6 +54,9 @@ class Admission:
         self._spare_fd = _open_spare_fd()
         self._refusals: dict[str, RateLimitedLog] = {}
         self._fd_exhaustion = RateLimitedLog(logging.ERROR)
+        # With [server] proxy_protocol: where a new connection waits for its
+        # header before it is judged (proxy_wait.HeaderWait.take).
+        self.header_wait: Callable[[socket.socket, object, Listener], None] | None = None
 
     def accept(self, listener: Listener) -> bool:
         """Accept what is queued on ``listener``, to EAGAIN or ``ACCEPTS_PER_TURN``.
@@ -65,7 +70,9 @@ class Admission:
         poller = shared.poller
         fd_limit = poller.fd_limit
         set_nodelay = listener.sock.family in (socket.AF_INET, socket.AF_INET6)
+        header_wait = self.header_wait if config.proxy_protocol else None
         tally = shared.tallies[listener.fd]
+        kept = shared.kept
         for taken in range(ACCEPTS_PER_TURN):
             try:
                 sock, peer = accept()
@@ -85,6 +92,9 @@ class Admission:
             if len(conns) >= config.max_connections:
                 self._refuse(sock, f"max_connections ({config.max_connections}) reached",
                              tally, "max_connections")
+                continue
+            if header_wait is not None:
+                header_wait(sock, peer, listener)  # judged once the header names the client
                 continue
             group = None
             if shared.access.active or config.max_connections_per_ip:
@@ -113,6 +123,8 @@ class Admission:
                 continue
             conns[fd] = conn
             conn.origin = tally
+            if kept is not None:
+                kept.track(conn)  # into the store with this turn's batch
             if group is not None:
                 conn.group = group
                 shared.per_client[group] = shared.per_client.get(group, 0) + 1
@@ -143,6 +155,10 @@ class Admission:
                          "max_connections_per_ip")
             return False
         return group
+
+    def admit_client(self, sock: socket.socket, peer: object, tally: ListenerTally) -> object:
+        """``_admit`` for a connection whose client a PROXY header has named."""
+        return self._admit(sock, peer, tally)
 
     def _refuse(self, sock: socket.socket, why: str, tally: ListenerTally, kind: str,
                 reason: Close = Close.LIMIT) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
 
 from muxd import __version__
-from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, Config, ConfigError, load_config
+from muxd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, Address, Config, ConfigError, load_config
+from muxd.fdstore import FdStore, Received, classify, drop, release, store_capacity
+from muxd.handover import LISTENER_NAME, Inheritance, is_store_name, sort_inherited
 from muxd.listeners import (
     Listener,
     ListenerError,
@@ -80,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile(config.nofile)
 
     workers = config.workers > 1
+    handover = _handover_setup(config, workers)
     sockets = None
     try:
         # Workers bind their own SO_REUSEPORT sockets after the fork; only
         # inherited ones are taken here, before the environment is cleared.
-        sockets = _inherited_sockets() if workers else _open_sockets(config)
+        sockets = _inherited_sockets(handover) if workers else _open_sockets(config, handover)
         if workers and sockets is None:
             check_unserved(config.listen, config.udp)
         metrics_sockets = _metrics_sockets(config)
@@ -131,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         listeners, udp_endpoints = sockets
         server = EchoServer(config, args.config, listeners, create_poller(config.backend),
                             notifier, udp_endpoints=udp_endpoints, test_hooks=hooks,
+                            store=handover.store if handover.enabled else None,
+                            store_capacity=handover.capacity,
+                            stored_listeners=handover.stored_listeners,
+                            inheritance=handover.inheritance,
                             metrics_sockets=metrics_sockets)
         status = server.run()
         return status
@@ -138,18 +146,89 @@ def main(argv: list[str] | None = None) -> int:
         if report is not None:
             report.failed(status)  # nothing once it reported ready
         notifier.close()
+        if handover.store is not None:
+            handover.store.close()
         if context is not None:
             context.close()
 
 
-def _inherited_sockets() -> tuple[list[Listener], list[UdpEndpoint]] | None:
+class _HandoverSetup:
+    """Whether hand-over is on, the store, and what the previous process left."""
+
+    def __init__(self, enabled: bool, notify_socket: str, capacity: int) -> None:
+        self.enabled = enabled
+        self.notify_socket = notify_socket
+        self.capacity = capacity
+        self.store: FdStore | None = None
+        self.inheritance: Inheritance | None = None
+        self.stored_listeners: list[Listener] = []
+
+    def open_store(self) -> FdStore | None:
+        if self.store is None and self.notify_socket:
+            try:
+                self.store = FdStore(self.notify_socket)
+            except OSError as err:
+                logger.warning("cannot reach NOTIFY_SOCKET for the file descriptor store: %s",
+                               err)
+                self.enabled = False
+        return self.store
+
+
+def _handover_setup(config: Config, workers: bool) -> _HandoverSetup:
+    """Hand-over is on when the config says so, systemd gave a store ($FDSTORE)
+    and there is one process."""
+    notify_socket = os.environ.get("NOTIFY_SOCKET", "")
+    capacity = store_capacity() if notify_socket else 0
+    if config.handover and capacity > 0 and workers:
+        logger.warning("hand-over is off with workers > 1: a restart closes every connection")
+    setup = _HandoverSetup(config.handover and capacity > 0 and not workers, notify_socket,
+                           capacity)
+    if setup.enabled:
+        setup.open_store()
+    return setup
+
+
+def _take_stored(handover: _HandoverSetup, stored: list[tuple[int, str]]) -> None:
+    """Sort what the store passed back; without hand-over, close it all."""
+    items = [classify(fd, name) for fd, name in stored]
+    inheritance = handover.inheritance = sort_inherited(items, handover.open_store())
+    if not handover.enabled:
+        if inheritance.connections:
+            logger.warning("closed %d connection(s) handed over by the previous process: "
+                           "hand-over is off here", len(inheritance.connections))
+        for item in inheritance.connections:
+            _release(item)
+        for item in inheritance.own_listeners:
+            drop(item, "hand-over is off")
+        inheritance.connections.clear()
+        inheritance.own_listeners.clear()
+
+
+def _release(item: Received) -> None:
+    sock = socket.socket(fileno=item.fd)
+    release(sock)
+    sock.close()
+
+
+def _inherited_sockets(handover: _HandoverSetup
+                       ) -> tuple[list[Listener], list[UdpEndpoint]] | None:
     """TCP listeners and UDP endpoints passed by systemd socket activation
-    (the config's addresses are then not bound), or None when not activated."""
-    inherited = inherited_sockets()
-    if inherited is None:
+    (the config's addresses are then not bound), or None when not activated.
+    What muxd's own store passed back is sorted into ``handover.inheritance``."""
+    found = inherited_sockets(is_store_name, handover.capacity)
+    if found is None:
         return None
-    if not inherited:
+    inherited, stored = found
+    if not inherited and not stored:
         raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)", EX_CONFIG)
+    if stored:
+        _take_stored(handover, stored)
+    if not inherited:
+        return None
+    if handover.inheritance is not None:
+        for item in handover.inheritance.own_listeners:
+            drop(item, "a socket unit passes the listeners now")
+        handover.inheritance.own_listeners.clear()
     listeners, endpoints = [], []
     for sock, label in inherited:
         if sock.type == socket.SOCK_DGRAM:
@@ -161,16 +240,47 @@ def _inherited_sockets() -> tuple[list[Listener], list[UdpEndpoint]] | None:
     return listeners, endpoints
 
 
-def _open_sockets(config: Config) -> tuple[list[Listener], list[UdpEndpoint]]:
-    """Inherited sockets, else those bound from the configuration."""
-    inherited = _inherited_sockets()
+def _open_sockets(config: Config, handover: _HandoverSetup
+                  ) -> tuple[list[Listener], list[UdpEndpoint]]:
+    """Inherited sockets, else those bound from the configuration (keeping the
+    listeners of the previous process whose address is still in ``listen``)."""
+    inherited = _inherited_sockets(handover)
     if inherited is not None:
         return inherited
-    listeners = bind_listeners(config.listen, config.backlog)
+    kept: dict[Address, Listener] = {}
+    inheritance = handover.inheritance
+    if inheritance is not None:
+        wanted = set(config.listen)
+        for item in inheritance.own_listeners:
+            sock = socket.socket(fileno=item.fd)
+            address = _address_of(sock)
+            if address in wanted and address not in kept:
+                sock.setblocking(False)
+                sock.listen(config.backlog)  # a changed backlog applies to a kept listener
+                kept[address] = Listener(sock, str(address))
+            else:
+                sock.detach()
+                drop(item, f"its address {address} is no longer in [server] listen")
+        inheritance.own_listeners = [item for item in inheritance.own_listeners
+                                     if any(k.fd == item.fd for k in kept.values())]
+    fresh = tuple(address for address in config.listen if address not in kept)
+    listeners = bind_listeners(fresh, config.backlog) if fresh else []
+    if handover.enabled and handover.store is not None:
+        store = handover.store
+        again = list(listeners)
+        if inheritance is not None and LISTENER_NAME in inheritance.restore_names:
+            # A foreign descriptor stored as a listener goes only with the whole name.
+            store.remove(LISTENER_NAME)
+            again += kept.values()
+        for listener in again:
+            store.store_now(listener.fd, LISTENER_NAME)
+        handover.stored_listeners = [*kept.values(), *listeners]
+    by_address = {**kept, **{_address_of(listener.sock): listener for listener in listeners}}
+    ordered = [by_address[address] for address in config.listen if address in by_address]
     try:
-        return listeners, bind_udp(config.udp)
+        return ordered, bind_udp(config.udp)
     except ListenerError:
-        for listener in listeners:
+        for listener in ordered:
             listener.sock.close()
         raise
 
@@ -182,3 +292,13 @@ def _metrics_sockets(config: Config) -> list[socket.socket]:
         return [listener.sock for listener in bind_listeners(config.metrics_listen, 64)]
     except ListenerError as err:
         raise ListenerError(f"[metrics] {err}", err.exit_status) from None
+
+
+def _address_of(sock: socket.socket) -> Address | None:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    if not isinstance(name, tuple):
+        return None
+    return Address(str(ipaddress.ip_address(name[0])), name[1])

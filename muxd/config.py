@@ -30,7 +30,9 @@ QUOTE_LIMIT = 60  # characters of an offending value quoted in an error line
 MAX_ADDRESSES = 64  # in one listen or udp list
 # Fields a running daemon cannot change (its sockets and processes are made at
 # start): a reload that changes one keeps the running value and says so.
-RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "metrics_listen")
+# proxy_protocol is what every listener speaks (README, "Behind a load balancer").
+RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "metrics_listen",
+                       "proxy_protocol", "handover")
 
 
 def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
@@ -112,6 +114,7 @@ class Config:
     log_level: str = "info"
     log_connections: bool = False
     udp: tuple[Address, ...] = ()
+    handover: bool = True
     max_connections_per_ip: int = 0
     ipv6_prefix: int = 64
     udp_rate: float = 100.0
@@ -119,6 +122,8 @@ class Config:
     allow: tuple[IPNetwork, ...] = ()
     deny: tuple[IPNetwork, ...] = ()
     metrics_listen: tuple[Address, ...] = ()
+    proxy_protocol: bool = False
+    proxy_from: tuple[IPNetwork, ...] = ()
     source: str = BUILTIN_SOURCE
 
 
@@ -321,6 +326,9 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("server", "backlog"): ("backlog", _int_in(1, 65535)),
     ("server", "udp"): ("udp", parse_optional_addresses),
     ("server", "workers"): ("workers", _workers),
+    ("server", "proxy_protocol"): ("proxy_protocol", _boolean),
+    ("server", "proxy_from"): ("proxy_from", parse_networks),
+    ("server", "handover"): ("handover", _boolean),
     ("limits", "nofile"): ("nofile", _int_in(64, 1 << 20)),
     ("limits", "max_connections"): ("max_connections", _int_in(1, 1 << 20)),
     ("limits", "idle_timeout"): ("idle_timeout", _seconds(86400 * 365)),
@@ -389,6 +397,12 @@ def parse_config_text(text: str, source: str) -> Config:
                 values[name] = parse(raw)
             except ValueError as err:
                 raise ConfigError(source, f"expected {err}", section, key, raw) from None
+    if values.get("proxy_protocol") and not values.get("proxy_from"):
+        # Without it anyone could claim any client address (proxy_protocol.py).
+        raise ConfigError(
+            source, "expected the addresses or CIDR blocks of the load balancers allowed to "
+            "send PROXY protocol headers; it is required when proxy_protocol = yes",
+            "server", "proxy_from", parser.get("server", "proxy_from", fallback=None))
     return Config(**values)
 
 

@@ -61,6 +61,8 @@ class Close(IntEnum):
     IDLE = -3  # no byte moved either way for idle_timeout seconds
     LIMIT = -4  # refused: max_connections(_per_ip), out of fds, or fd beyond select's reach
     SHUTDOWN = -5  # the daemon is stopping
+    # (Listed before ACCESS, so the SIGUSR1 counters line still ends with ACCESS.)
+    PROXY = -7  # refused: not from proxy_from, or no valid PROXY protocol header in time
     ACCESS = -6  # refused by the [access] lists
 
 
@@ -213,6 +215,10 @@ class Connection:
             except OSError:
                 return Close.RESET
         return AGAIN
+
+    def wanted(self) -> int:
+        """What the connection wants next, from its state alone (a taken-over one)."""
+        return self._wanted()
 
     def _wanted(self) -> int:
         if self.pending:

@@ -6,7 +6,9 @@ children that must not take them), and the variables are unset once read.
 A malformed variable, or an inherited descriptor muxd cannot serve (anything
 but a listening TCP or unix stream socket or a UDP socket), is refused with
 EX_CONFIG before anything is served: a netlink or raw socket in the accept
-loop would spin it, and a restart cannot fix the socket unit.
+loop would spin it, and a restart cannot fix the socket unit. Descriptors
+of muxd's own file descriptor store (hand-over, handover.py) come through the
+same variables; those are handed back unchecked for their owner to sort.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from muxd.config import EX_CONFIG, Address, quoted
@@ -139,9 +142,13 @@ def explain_bind_error(what: str, port: int, err: OSError) -> ListenerError:
     return ListenerError(f"cannot listen on {what}: {err.strerror or err}")
 
 
-def inherited_sockets() -> list[tuple[socket.socket, str]] | None:
+def inherited_sockets(
+    stored: Callable[[str], bool] = lambda name: False, extra: int = 0,
+) -> tuple[list[tuple[socket.socket, str]], list[tuple[int, str]]] | None:
     """Sockets passed by systemd socket activation with their names (from
-    LISTEN_FDNAMES, else "fd N"), or None when not activated."""
+    LISTEN_FDNAMES, else "fd N"), or None when not activated; and apart, as
+    (fd, name) and unchecked, the descriptors whose name ``stored`` claims
+    (the file descriptor store's, up to ``extra`` more than MAX_INHERITED)."""
     pid = os.environ.get("LISTEN_PID")
     count = os.environ.get("LISTEN_FDS")
     names = os.environ.get("LISTEN_FDNAMES", "")
@@ -159,15 +166,19 @@ def inherited_sockets() -> list[tuple[socket.socket, str]] | None:
                             f"{quoted(count) if count is not None else '(unset)'} "
                             "is not a number of descriptors", EX_CONFIG)
     fd_count = int(count)
-    if fd_count > MAX_INHERITED:
+    if fd_count > MAX_INHERITED + extra:
         raise ListenerError(f"socket activation: LISTEN_FDS={fd_count} is more descriptors "
-                            f"than muxd takes ({MAX_INHERITED})", EX_CONFIG)
+                            f"than muxd takes ({MAX_INHERITED + extra})", EX_CONFIG)
     fd_names = names.split(":") if names else []
     inherited = []
+    kept = []
     try:
         for index in range(fd_count):
             fd = SD_LISTEN_FDS_START + index
             label = fd_names[index] if index < len(fd_names) else f"fd {fd}"
+            if stored(label):
+                kept.append((fd, label))
+                continue
             try:
                 sock = socket.socket(fileno=fd)
             except OSError as err:
@@ -183,7 +194,7 @@ def inherited_sockets() -> list[tuple[socket.socket, str]] | None:
         for sock, _ in inherited:
             sock.detach()  # the descriptors are systemd's; leave them as they came
         raise
-    return inherited
+    return inherited, kept
 
 
 MAX_INHERITED = 1024

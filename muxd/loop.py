@@ -26,10 +26,15 @@ that order; every other concern has a room of its own, which the loop calls
 and which never calls the loop back except through what it was handed:
 
 * ``admission.py``: accept, admit or refuse, out of descriptors;
+* ``proxy_wait.py``: with ``proxy_protocol``, connections waiting for their
+  PROXY header, which reach it through the dispatch of other descriptors;
 * ``stopping.py``: the graceful stop (drain, linger, deadline);
 * ``reload.py``: apply a new configuration (SIGHUP);
 * ``housekeeping.py``: the idle sweep and log flushing;
 * ``report.py``: counters, STATUS=, READY=1, WATCHDOG=1, descriptions;
+* ``handover.py``: keeping connections in systemd's file descriptor store
+  across restarts and crashes (stored per accepting turn, handed over at a
+  restart's SIGTERM, taken over at start);
 * ``figures.py``: the metrics endpoint (or a worker's line to its
   supervisor), and the figures it gathers from the shared state at scrape
   time; the loop hands it the events of its descriptors;
@@ -45,10 +50,14 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from muxd import __version__
 from muxd.admission import Admission
 from muxd.config import Config
 from muxd.connection import AGAIN, READ_CHUNK, RECV_BUFFER, RECV_VIEW, Close, Connection, read_size
+from muxd.fdstore import FdStore
+from muxd.handover import RESTART_SIGNAL, HandOver, Inheritance
 from muxd.housekeeping import Housekeeping
 from muxd.listeners import Listener
 from muxd.notify import Notifier, watchdog_interval
@@ -59,6 +68,9 @@ from muxd.signals import SignalQueue
 from muxd.state import Shared
 from muxd.stopping import Stopping
 from muxd.udp import UdpEndpoint
+
+if TYPE_CHECKING:
+    from muxd.proxy_wait import HeaderWait
 
 logger = logging.getLogger("muxd")
 
@@ -73,6 +85,10 @@ class EchoServer:
         notifier: Notifier,
         udp_endpoints: Sequence[UdpEndpoint] = (),
         test_hooks: frozenset[str] = frozenset(),
+        store: FdStore | None = None,
+        store_capacity: int = 0,
+        stored_listeners: Sequence[Listener] = (),
+        inheritance: Inheritance | None = None,
         metrics_sockets: Sequence[socket.socket] = (),
         metrics_channel: socket.socket | None = None,
     ) -> None:
@@ -90,10 +106,22 @@ class EchoServer:
         self._ready_listeners: list[Listener] = []
         self._signalled = False
         self.admission = Admission(shared)
+        flushes = [self.admission.flush_logs, shared.udp_guard.flush_log]
+        # proxy_protocol takes a restart, so the room exists for the life of
+        # the loop or not at all; imported only then, because muxd imports
+        # its loop after binding, while clients may already be waiting.
+        self.header_wait: HeaderWait | None = None
+        self._header_waiting: dict[int, object] = {}
+        if config.proxy_protocol:
+            from muxd.proxy_wait import HeaderWait
+
+            self.header_wait = HeaderWait(shared, self.admission.admit_client, self._apply)
+            self.admission.header_wait = self.header_wait.take
+            self._header_waiting = self.header_wait.waiting
+            flushes.append(self.header_wait.flush_logs)
         self.reporter = Reporter(shared)
         self.stopper = Stopping(shared, self._other_event, self._promise_turn)
-        self.housekeeping = Housekeeping(
-            shared, self.reporter, (self.admission.flush_logs, shared.udp_guard.flush_log))
+        self.housekeeping = Housekeeping(shared, self.reporter, flushes)
         self.reload = Reload(shared, self.housekeeping.schedule)
         self.metrics = None
         if metrics_sockets or metrics_channel is not None:
@@ -102,6 +130,12 @@ class EchoServer:
             from muxd.figures import MetricsRoom
 
             self.metrics = MetricsRoom(shared, self.reload, metrics_sockets, metrics_channel)
+        # Hand-over: only when systemd gave us a file descriptor store.
+        self.handover: HandOver | None = None
+        self._inheritance = inheritance
+        if store is not None:
+            self.handover = shared.kept = HandOver(shared, store, store_capacity,
+                                                   stored_listeners)
 
     # --- lifecycle -------------------------------------------------------
 
@@ -111,6 +145,9 @@ class EchoServer:
         for fd in [*shared.listeners, *shared.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
+        if self.handover is not None and self._inheritance is not None:
+            self.handover.take_over(self._inheritance)
+            self._inheritance = None
         if self.metrics is not None:
             self.metrics.start()
         self.housekeeping.schedule()
@@ -243,9 +280,13 @@ class EchoServer:
                 for listener in ready:
                     if listener.fd in listeners and self.admission.accept(listener):
                         self._ready_listeners.append(listener)  # clients still queued
+                if self.handover is not None:
+                    self.handover.flush()  # one store message for this turn's admissions
             if self._signalled:
                 self._signalled = False
-                for signum in self.signals.take():
+                # The stop hook's restart signal first: with the SIGTERM right
+                # behind it, both may be taken at once, in number order.
+                for signum in sorted(self.signals.take(), key=RESTART_SIGNAL.__ne__):
                     self._on_signal(signum)
                 chunk, into = self._read_size()  # a reload may have changed buffer_size
             if now >= timers.next_due:
@@ -294,6 +335,8 @@ class EchoServer:
             self._udp_event(shared.udp[fd])
         elif fd == self.signals.fd:
             self._signalled = True
+        elif fd in self._header_waiting:
+            self.header_wait.on_readable(fd)  # a PROXY header (proxy_wait.py)
         elif self.metrics is not None and self.metrics.owns(fd):
             self.metrics.on_event(fd)
         # else: a stale event for a connection closed earlier in this batch
@@ -310,7 +353,19 @@ class EchoServer:
     # --- signals ---------------------------------------------------------
 
     def _on_signal(self, signum: int) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        handover = self.handover
+        if signum == RESTART_SIGNAL:
+            if handover is not None:
+                handover.arm()
+        elif signum == signal.SIGTERM and handover is not None and handover.restarting() \
+                and not self.shared.stopping:
+            if self.metrics is not None:
+                self.metrics.close()
+            handover.hand_over(__version__)
+            self._retry.clear()
+            self._udp_retry.clear()
+            self._ready_listeners.clear()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
             if self.metrics is not None:
                 self.metrics.close()
             if not self.shared.stopping:
@@ -320,6 +375,8 @@ class EchoServer:
                 self._udp_retry.clear()
                 self._ready_listeners.clear()
             self.stopper.begin(signal.Signals(signum).name)
+            if self.header_wait is not None:
+                self.header_wait.close_all()
         elif signum == signal.SIGHUP:
             self.reload()
         elif signum == signal.SIGUSR1:
@@ -336,6 +393,8 @@ class EchoServer:
         if self.metrics is not None:
             self.metrics.close()
         shared.close_all()
+        if self.header_wait is not None:
+            self.header_wait.close_all()
         for listener in list(shared.listeners.values()):
             shared.close_listener(listener)
         shared.close_udp()

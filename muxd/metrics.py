@@ -27,9 +27,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # was refused at once: the fixed label values, so every series exists from
 # the start (a counter that appears only on its first increment hides the
 # first increase from rate()).
-CLOSE_REASONS = ("eof", "reset", "idle", "limit", "shutdown", "access")
+CLOSE_REASONS = ("eof", "reset", "idle", "limit", "shutdown", "proxy", "access")
 REFUSAL_REASONS = ("max_connections", "max_connections_per_ip", "access",
-                   "out_of_descriptors", "cannot_watch")
+                   "out_of_descriptors", "cannot_watch", "proxy_from", "proxy_header")
 UDP_DROP_REASONS = ("source_port", "bad_source", "self", "access", "rate", "total_rate",
                     "send_failed")
 RELOAD_RESULTS = ("success", "failure")

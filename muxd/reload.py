@@ -90,8 +90,10 @@ class Reload:
             if not limited:
                 continue
             try:
-                host = conn.sock.getpeername()[0]
-            except (OSError, IndexError):
+                # Behind a balancer the socket's peer is the balancer; the
+                # client its header named is kept in conn.peer (proxy_wait.py).
+                host = conn.peer[0] if config.proxy_protocol else conn.sock.getpeername()[0]
+            except (OSError, IndexError, TypeError):
                 continue
             if host:
                 conn.group = client_group(client_address(host), config.ipv6_prefix)

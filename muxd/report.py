@@ -40,6 +40,8 @@ def status(shared: Shared) -> str:
     counters = shared.counters
     if counters.accepted:
         text += f"; {counters.accepted} accepted, {counters.refused} refused"
+    if counters.taken_over:
+        text += f"; {counters.taken_over} taken over at start"
     guard = shared.udp_guard
     if guard.echoed or guard.dropped:
         text += f"; UDP {guard.echoed} echoed, {sum(guard.dropped.values())} dropped"

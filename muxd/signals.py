@@ -27,7 +27,9 @@ import signal
 import socket
 from types import FrameType
 
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# SIGURG: the unit's stop hook says "this stop is a restart" (handover.py).
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+           signal.SIGURG)
 # Held from the start of main until a queue handles them (SIGTERM and SIGINT
 # keep their default: before muxd serves, stopping at once is right).
 HELD_AT_START = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})

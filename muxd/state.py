@@ -16,8 +16,12 @@ object instead of on each other. It holds:
 * the counters, and each listener's tally (``tallies``, by listener fd: the
   metrics' per-listener figures), which admission and ``close`` add to and
   report and figures read; a connection's ``origin`` is its listener's tally;
-* ``stopping``, which only stopping sets, and ``now``, the loop's clock
-  reading for the current turn, which only the loop sets.
+* ``stopping``, which only stopping (and a hand-over) sets, and ``now``, the
+  loop's clock reading for the current turn, which only the loop sets;
+* ``kept``: the hand-over room (handover.py) when systemd gave muxd a file
+  descriptor store, else None. Admission tells it of every connection it
+  admits, ``close`` and ``close_listener`` of every one that ends, so that
+  what the store holds is what muxd serves. Only the loop sets it.
 
 This module knows no room and no loop: it is the floor they stand on.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 from muxd.access import AccessPolicy
 from muxd.config import Config
@@ -47,10 +52,23 @@ class Counters:
         self.closed = dict.fromkeys(Close, 0)
         self.bytes_in = 0  # of closed connections; live ones are added when reported
         self.bytes_out = 0
+        self.taken_over = 0  # connections handed over by the previous process
 
     @property
     def refused(self) -> int:
-        return self.closed[Close.LIMIT] + self.closed[Close.ACCESS]
+        return self.closed[Close.LIMIT] + self.closed[Close.ACCESS] + self.closed[Close.PROXY]
+
+
+class Keeper(Protocol):
+    """What Shared and admission need of the hand-over room."""
+
+    def track(self, conn: Connection) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def forget(self, conn: Connection) -> None: ...
+
+    def forget_listener(self, listener: Listener) -> None: ...
 
 
 class ListenerTally:
@@ -98,6 +116,7 @@ class Shared:
         self.tallies = {listener.fd: ListenerTally(listener.name) for listener in listeners}
         self.stopping = False
         self.now = now
+        self.kept: Keeper | None = None
 
     def close(self, conn: Connection, reason: int) -> None:
         """End ``conn``: out of the table and the poller, closed, counted, logged."""
@@ -115,6 +134,8 @@ class Shared:
             self.poller.unregister(fd)
         except (OSError, KeyError):
             pass
+        if self.kept is not None:
+            self.kept.forget(conn)  # out of the store too, or the peer never sees the end
         conn.sock.close()
         counters = self.counters
         counters.closed[Close(reason)] += 1
@@ -140,6 +161,8 @@ class Shared:
             self.poller.unregister(listener.fd)
         except (OSError, KeyError):
             pass  # not registered while accepting is paused
+        if self.kept is not None:
+            self.kept.forget_listener(listener)
         listener.sock.close()
 
     def close_udp(self) -> None:

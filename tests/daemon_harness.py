@@ -97,14 +97,17 @@ class Muxd:
                  args: tuple[str, ...] = (), env: dict[str, str] | None = None,
                  nofile: tuple[int, int] | None = None, notify: bool = True,
                  preexec: Callable[[], None] | None = None,
-                 command: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
+                 command: list[str] | None = None, pass_fds: tuple[int, ...] = (),
+                 notify_socket: NotifySocket | None = None) -> None:
         self.workdir = workdir
         self.config_path = workdir / "muxd.ini"
         if config_text is not None:
             self.write_config(config_text)
             args = ("--config", str(self.config_path), *args)
         self.log_path = workdir / f"muxd-{time.monotonic_ns()}.log"
-        self.notify = NotifySocket(workdir / f"notify-{time.monotonic_ns()}") if notify else None
+        self.notify = notify_socket or (
+            NotifySocket(workdir / f"notify-{time.monotonic_ns()}") if notify else None)
+        self._owns_notify = notify_socket is None
         full_env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("NOTIFY_SOCKET", "LISTEN_", "WATCHDOG_", "JOURNAL_"))}
         if self.notify is not None:
@@ -173,7 +176,7 @@ class Muxd:
             self.process.kill()
             self.process.wait(DEFAULT_TIMEOUT)
         self._log.close()
-        if self.notify is not None:
+        if self.notify is not None and self._owns_notify:
             self.notify.close()
 
 

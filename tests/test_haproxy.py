@@ -7,11 +7,19 @@ connections evenly over both muxd; when one muxd stops, the health check marks
 it DOWN within the ~0.5-1.5 s the example promises, and from then on every new
 connection is echoed by the other one; started again, it is UP after two good
 checks and takes its share of connections again.
+
+With the example's servers switched to ``send-proxy`` / ``send-proxy-v2`` and
+``check-send-proxy`` in front of a muxd with ``proxy_protocol = yes``, it also
+proves that clients from distinct loopback addresses are limited and judged
+each by its own address, not the balancer's, that the health check (which
+then sends a PROXY header too) keeps the server UP, and that echo stays
+byte-exact.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import re
 import signal
 import socket
@@ -28,7 +36,9 @@ from daemon_harness import (
     connect,
     echo_once,
     free_port,
+    read_counters,
     server_config,
+    unprovoked_errors,
     wait_until,
 )
 
@@ -126,18 +136,21 @@ class HAProxy:
 
 
 @pytest.fixture
-def start_haproxy(tmp_path: Path) -> Iterator[Callable[[list[int]], tuple[HAProxy, int]]]:
-    """Start haproxy on the example config in front of the given muxd ports; it is
-    killed (by PID) when the test ends, pass or fail."""
+def start_haproxy(tmp_path: Path) -> Iterator[Callable[..., tuple[HAProxy, int]]]:
+    """Start haproxy on the example config in front of the given muxd ports (with
+    ``server_options`` added to its servers' defaults); it is killed (by PID) when
+    the test ends, pass or fail."""
     started: list[HAProxy] = []
 
-    def start(muxd_ports: list[int]) -> tuple[HAProxy, int]:
+    def start(muxd_ports: list[int], server_options: str = "") -> tuple[HAProxy, int]:
         workdir = tmp_path / "haproxy"
         workdir.mkdir()
         frontend_port = free_port()
         stats_path = workdir / "stats.sock"
-        proxy = HAProxy(workdir, haproxy_test_config(frontend_port, muxd_ports, stats_path),
-                        stats_path)
+        config = haproxy_test_config(frontend_port, muxd_ports, stats_path)
+        if server_options:
+            config = with_server_options(config, server_options)
+        proxy = HAProxy(workdir, config, stats_path)
         started.append(proxy)
         proxy.wait_ready()
         return proxy, frontend_port
@@ -286,3 +299,81 @@ def test_haproxy_example_spreads_echo_and_routes_around_a_stopped_muxd(
             sock.close()
     wait_until(lambda: echoed_connections(muxd2, held_payload) == 2,
                what="the restarted muxd2 logging its 2 connections closed")
+
+
+# --- PROXY protocol: muxd behind HAProxy sees each client -------------------------
+
+DEFAULT_SERVER = "    default-server check "
+
+
+def with_server_options(config: str, options: str) -> str:
+    """The example's ``default-server`` line with ``options`` appended."""
+    lines = [line for line in config.splitlines() if line.startswith(DEFAULT_SERVER)]
+    assert len(lines) == 1, f"{EXAMPLE} no longer has one {DEFAULT_SERVER.strip()!r} line"
+    return config.replace(lines[0], f"{lines[0]} {options}")
+
+
+def from_source(port: int, source: str, payload: bytes) -> tuple[str, socket.socket]:
+    """Connect to ``port`` from loopback address ``source`` and echo ``payload``:
+    ("echo", the socket, kept open) if it came back whole, ("closed", closed socket)
+    if the connection was ended instead."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(DEFAULT_TIMEOUT)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    try:
+        if echo_once(sock, payload) == payload:
+            return "echo", sock
+    except ConnectionResetError:
+        pass
+    sock.close()
+    return "closed", sock
+
+
+@pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
+def test_behind_haproxy_with_proxy_protocol_each_client_is_seen(
+        start_muxd: Callable[..., Muxd],
+        start_haproxy: Callable[..., tuple[HAProxy, int]], send_proxy: str) -> None:
+    port = free_port()
+    daemon = start_muxd(server_config(port, max_connections_per_ip=2).replace(
+        "[limits]", "proxy_protocol = yes\nproxy_from = 127.0.0.1\n[limits]")
+        + "[access]\ndeny = 127.0.0.9\n[logging]\nconnections = yes\n")
+    # Both of the example's server lines on the one muxd, so every connection
+    # counts against one daemon's per-client limits whichever server leastconn picks.
+    proxy, front = start_haproxy([port, port], f"{send_proxy} check-send-proxy")
+    wait_until(lambda: all(s["status"] == "UP" and s["check_status"] == "L7OK"
+                           for s in proxy.servers().values()),
+               what="both servers UP with a passing echo check sent with a PROXY header")
+
+    held = []
+    try:
+        # Echo through the balancer is byte-exact (and the header is not in it).
+        outcome, sock = from_source(front, "127.0.0.2", os.urandom(200_000))
+        assert outcome == "echo"
+        held.append(sock)
+        # Per client: each of three clients may hold 2, though all 6 come from
+        # the one balancer address; a third from the same client is refused.
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            while len([s for s in held if s.getsockname()[0] == source]) < 2:
+                outcome, sock = from_source(front, source, b"held\n")
+                assert outcome == "echo", f"{source} refused below its limit:\n{daemon.log}"
+                held.append(sock)
+            assert from_source(front, source, b"one too many\n")[0] == "closed"
+        daemon.wait_log("max_connections_per_ip (2) reached for 127.0.0.2")
+        assert "max_connections_per_ip (2) reached for 127.0.0.1" not in daemon.log
+        # [access] judges the client through the balancer.
+        assert from_source(front, "127.0.0.9", b"denied\n")[0] == "closed"
+        daemon.wait_log("refused a connection: 127.0.0.9 is not allowed by [access]")
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            assert f"connect {source}:" in daemon.log
+        counters = read_counters(daemon)
+        assert counters["open"] == 6 and counters["access"] == 1, counters
+        assert all(echo_once(sock, b"still") == b"still" for sock in held)
+    finally:
+        for sock in held:
+            sock.close()
+    # The health checks went on passing throughout: still UP, never marked DOWN.
+    servers = proxy.servers()
+    assert all(s["status"] == "UP" for s in servers.values()), servers
+    assert "is DOWN" not in proxy.log, proxy.log
+    assert unprovoked_errors(daemon.log) == [], daemon.log

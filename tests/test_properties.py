@@ -241,6 +241,14 @@ valid_values = {
         ("127.0.0.1:7, [::1]:7", (("127.0.0.1", 7), ("::1", 7))),
     ]),
     ("server", "workers"): st.integers(1, 1024).map(lambda n: (str(n), n)),
+    # proxy_protocol = yes needs proxy_from, which may not be drawn: see
+    # tests/test_proxy_protocol_daemon.py for yes.
+    ("server", "proxy_protocol"): st.sampled_from([("no", False), ("off", False)]),
+    ("server", "proxy_from"): st.sampled_from([
+        ("", ()), ("192.0.2.0/24, ::1", (ipaddress.ip_network("192.0.2.0/24"),
+                                         ipaddress.ip_network("::1/128"))),
+    ]),
+    ("server", "handover"): st.sampled_from([("yes", True), ("Off", False)]),
     ("limits", "max_connections_per_ip"): st.integers(0, 1 << 20).map(lambda n: (str(n), n)),
     ("limits", "ipv6_prefix"): st.integers(1, 128).map(lambda n: (str(n), n)),
     ("limits", "udp_rate"): st.floats(0, 1_000_000).map(lambda x: (repr(x), x)),

@@ -1,0 +1,430 @@
+"""Hand-over: keeping every connection across restarts, upgrades and crashes
+through systemd's file descriptor store (the protocol itself is fdstore.py).
+
+How a connection survives:
+
+* **Stored when accepted.** Each accepted connection is queued by ``track``
+  and sent to the store with the others of its loop turn (``flush``, called
+  once per accepting turn, never per message). A crash leaves no time to store
+  anything, so this is what makes a ``kill -9`` or a watchdog kill survivable.
+* **Removed when closed.** ``forget`` shuts the socket down before the loop
+  closes it: PID 1 sees the hang-up and drops its copy, so the peer sees the
+  end. (FDSTOREREMOVE would need a unique name per connection, which would
+  make batching impossible: a message carries one name.)
+* **Restart or stop.** SIGTERM looks the same for both. The unit's root stop
+  hook signals ``RESTART_SIGNAL`` (SIGURG) just before systemd's SIGTERM when
+  the job is a restart; a SIGTERM within ``ARM_WINDOW`` seconds of it hands
+  over (``hand_over``), any other SIGTERM is today's graceful stop.
+* **State that is not a descriptor** (pending echo, pause, half-close, byte
+  counts) is written at hand-over into a memfd stored as ``state-<pid>``,
+  keyed by socket inode. The next process reads it once (``pread`` at 0: the
+  offset is shared with the old copy), asks the store to remove it, and
+  ignores it (with a log line) if it does not parse.
+
+What a crash loses (README, "Restarts, upgrades and crashes"): per connection, the
+echo muxd held in memory at that instant: its pending echo and the chunk
+being echoed, together at most ``buffer_size`` (connection.py bounds them).
+Also the connections accepted in the turn of the crash, before their batch
+was sent. Every byte the kernel holds (unread input, unacknowledged echo)
+survives.
+
+Of the shared state (state.py) it may: add the connections it takes over to
+the connection table, the poller and the per-client counts; at a hand-over,
+set ``stopping``, close listeners and endpoints, and empty the table without
+closing the connections (the store keeps them); schedule its retry timer. It
+is ``Shared.kept``: told of every connection admitted and closed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from muxd.access import client_address, client_group
+from muxd.connection import Close, Connection
+from muxd.fdstore import FdStore, Received, drop, release
+from muxd.listeners import Listener
+from muxd.state import Shared
+
+logger = logging.getLogger("muxd")
+
+RESTART_SIGNAL = signal.SIGURG  # default-ignored: harmless to a process that does not know it
+ARM_WINDOW = 5.0  # seconds from the stop hook's signal within which a SIGTERM means restart
+CONNECTION_NAME = "conn"
+LISTENER_NAME = "listen"
+STATE_PREFIX = "state-"
+STATE_MAGIC = b"muxd-handover-1\n"
+RETRY_DELAY = 0.01  # PID 1's queue was full: try the batch again this soon
+
+PAUSED, READ_CLOSED, PEER_FINISHED = 1, 2, 4
+
+
+class StateError(ValueError):
+    """A state file that is not muxd's, or is damaged."""
+
+
+@dataclass
+class Record:
+    inode: int
+    bytes_in: int
+    flags: int
+    pending: bytes
+
+
+@dataclass
+class State:
+    pid: int
+    version: str
+    written: float  # CLOCK_BOOTTIME at hand-over: the newest of several wins
+    records: dict[int, Record]  # by socket inode
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(len(record.pending) for record in self.records.values())
+
+
+def encode_state(pid: int, version: str, records: Iterable[Record]) -> bytes:
+    records = list(records)
+    header = json.dumps({
+        "pid": pid, "version": version,
+        "written": time.clock_gettime(time.CLOCK_BOOTTIME),
+        "connections": [[r.inode, r.bytes_in, r.flags, len(r.pending)] for r in records],
+    }).encode()
+    return b"".join([STATE_MAGIC, struct.pack("!Q", len(header)), header,
+                     *(r.pending for r in records)])
+
+
+def decode_state(data: bytes) -> State:
+    if not data.startswith(STATE_MAGIC):
+        raise StateError("not a muxd hand-over state (no magic)")
+    offset = len(STATE_MAGIC)
+    try:
+        (length,) = struct.unpack_from("!Q", data, offset)
+        offset += 8
+        header = json.loads(data[offset:offset + length])
+        offset += length
+        pid, version = int(header["pid"]), str(header["version"])
+        written = float(header["written"])
+        records: dict[int, Record] = {}
+        for inode, bytes_in, flags, size in header["connections"]:
+            if size < 0 or offset + size > len(data):
+                raise StateError("pending echo runs past the end of the state")
+            records[int(inode)] = Record(int(inode), int(bytes_in), int(flags),
+                                         data[offset:offset + size])
+            offset += size
+    except StateError:
+        raise
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as err:
+        raise StateError(f"damaged header ({err})") from None
+    if offset != len(data):
+        raise StateError(f"{len(data) - offset} unexpected bytes after the pending echo")
+    return State(pid, version, written, records)
+
+
+def write_memfd(data: bytes) -> int:
+    fd = os.memfd_create("muxd-handover", os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def read_memfd(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class Inheritance:
+    """What the previous process left in the store, sorted."""
+
+    own_listeners: list[Received] = field(default_factory=list)  # stored by muxd, name "listen"
+    connections: list[Received] = field(default_factory=list)  # stored by muxd, name "conn"
+    state: State | None = None
+    dropped: int = 0
+    # A foreign descriptor stored under one of muxd's own names: only removing
+    # the whole name takes it out of the store (and the rest is stored again).
+    restore_names: set[str] = field(default_factory=set)
+
+
+def is_store_name(name: str) -> bool:
+    """A name muxd gives what it stores (everything else came from a socket unit)."""
+    return name in (CONNECTION_NAME, LISTENER_NAME) or name.startswith(STATE_PREFIX)
+
+
+def sort_inherited(items: list[Received], store: FdStore | None) -> Inheritance:
+    """Sort inherited descriptors by name *and* by what they are; drop (close and
+    log) whatever is not what its name says. The state is read and removed."""
+    found = Inheritance()
+    states: list[tuple[Received, State]] = []
+    for item in items:
+        if item.name == CONNECTION_NAME:
+            if item.kind == "stream" and item.family in (socket.AF_INET, socket.AF_INET6,
+                                                          socket.AF_UNIX):
+                found.connections.append(item)
+                continue
+            _drop(found, item, "stored as a connection but is not a connected stream socket")
+            if item.kind not in ("stream", "listener", "datagram", "socket"):
+                found.restore_names.add(item.name)
+        elif item.name == LISTENER_NAME:
+            if item.kind == "listener":
+                found.own_listeners.append(item)
+                continue
+            _drop(found, item, "stored as a listener but is not a listening stream socket")
+            if item.kind not in ("stream", "listener", "datagram", "socket"):
+                found.restore_names.add(item.name)
+        elif item.name.startswith(STATE_PREFIX):
+            if store is not None:
+                store.remove(item.name)  # read once: a later crash must not replay it
+            if item.kind != "file":
+                _drop(found, item, "stored as hand-over state but is not a file")
+                continue
+            try:
+                data = read_memfd(item.fd)
+                states.append((item, decode_state(data)))
+            except (OSError, StateError) as err:
+                logger.warning("ignored the hand-over state %s: %s", item.describe(), err)
+                found.dropped += 1
+            finally:
+                os.close(item.fd)
+        else:
+            _drop(found, item, "not a name muxd stores under")
+    if states:
+        # Normally one; more only if a removal was lost: the newest writer wins.
+        found.state = max(states, key=lambda pair: pair[1].written)[1]
+        if len(states) > 1:
+            logger.warning("%d hand-over states inherited; used the one of PID %d",
+                           len(states), found.state.pid)
+    return found
+
+
+def _drop(found: Inheritance, item: Received, why: str) -> None:
+    drop(item, why)
+    found.dropped += 1
+
+
+class HandOver:
+    """The loop's room for the store: track, forget, hand over, take over."""
+
+    def __init__(self, shared: Shared, store: FdStore, capacity: int,
+                 stored_listeners: Iterable[Listener]) -> None:
+        self.shared = shared
+        self.store = store
+        self._stored_listeners = {listener.fd for listener in stored_listeners}
+        # The state memfd needs one place; listeners hold theirs already.
+        self.connection_capacity = max(0, capacity - len(self._stored_listeners) - 1)
+        self._stored: set[int] = set()  # fds of live connections in (or queued for) the store
+        self._retry_scheduled = False
+        self._armed_at: float | None = None
+        self._released = False
+        self.not_stored = 0  # connections beyond the store's size (never kept)
+        self._warned_full = False
+        self._warned_failed = False
+
+    # --- serving: per admitted connection, per accepting turn, per close ------
+
+    def track(self, conn: Connection) -> None:
+        if len(self._stored) >= self.connection_capacity:
+            self.not_stored += 1
+            if not self._warned_full:
+                self._warned_full = True
+                logger.warning("the file descriptor store is full (%d connections; "
+                               "FileDescriptorStoreMax= too small for max_connections?): "
+                               "connections beyond it are closed at a restart",
+                               self.connection_capacity)
+            return
+        self._stored.add(conn.fd)
+        self.store.queue(conn.fd, CONNECTION_NAME)
+
+    def flush(self) -> None:
+        """End of an accepting turn: one message per 253 connections admitted."""
+        failed = self.store.failed
+        if not self.store.flush() and not self._retry_scheduled:
+            self._retry_scheduled = True
+            self.shared.timers.call_at(self.shared.now + RETRY_DELAY, self._retry)
+        if self.store.failed != failed and not self._warned_failed:
+            self._warned_failed = True
+            logger.error("could not store connections in systemd's file descriptor store "
+                         "(%s); they are closed at a restart", self.store.last_error)
+
+    def _retry(self) -> None:
+        self._retry_scheduled = False
+        self.flush()
+
+    def forget(self, conn: Connection) -> None:
+        """Before a connection is closed: take it out of the store."""
+        fd = conn.fd
+        if fd in self._stored:
+            self._stored.discard(fd)
+            if self._released:
+                return  # handed over: the next process owns it now
+            if not self.store.unqueue(fd):
+                release(conn.sock)
+
+    def forget_listener(self, listener: Listener) -> None:
+        """A stored listener closed at a graceful stop stops listening now, rather
+        than queueing connections nobody will accept."""
+        if listener.fd in self._stored_listeners:
+            self._stored_listeners.discard(listener.fd)
+            if not self._released:
+                release(listener.sock)
+
+    # --- restart or stop --------------------------------------------------
+
+    def arm(self) -> None:
+        self._armed_at = self.shared.now
+        logger.info("the stop hook says this stop is a restart: connections will be handed over")
+
+    def restarting(self) -> bool:
+        armed = self._armed_at
+        return armed is not None and self.shared.now - armed <= ARM_WINDOW
+
+    def hand_over(self, version: str) -> None:
+        """SIGTERM of a restart: leave every connection in the store for the next
+        process, with the state it needs, and let the loop end without closing any.
+        Blocks for at most a few seconds (waiting for PID 1), once, on the way out."""
+        shared = self.shared
+        shared.stopping = True
+        shared.notifier.send("STOPPING=1", "STATUS=restarting: handing connections over")
+        listeners = len(self._stored_listeners)
+        for listener in list(shared.listeners.values()):
+            if listener.fd not in self._stored_listeners:
+                shared.close_listener(listener)  # a socket unit's: systemd holds it
+        shared.close_udp()
+        self.store.flush_all()
+        records = []
+        unstored = []
+        pending = 0
+        for conn in shared.conns.values():
+            if conn.fd not in self._stored:
+                unstored.append(conn)
+                continue
+            flags = ((PAUSED if conn.paused else 0) | (READ_CLOSED if conn.read_closed else 0)
+                     | (PEER_FINISHED if conn.peer_finished else 0))
+            data = bytes(conn.pending) if conn.pending else b""
+            pending += len(data)
+            records.append(Record(os.fstat(conn.fd).st_ino, conn.bytes_in, flags, data))
+        fd = write_memfd(encode_state(os.getpid(), version, records))
+        try:
+            stored = self.store.store_now(fd, f"{STATE_PREFIX}{os.getpid()}")
+        finally:
+            os.close(fd)
+        confirmed = self.store.barrier()
+        logger.info("handing over %d connection(s) and %d listener(s) to the next process "
+                    "(%s of pending echo)%s%s", len(records), listeners, _kib(pending),
+                    "" if stored else "; the state could not be stored: pending echo is lost",
+                    "" if confirmed else "; systemd did not confirm (BARRIER) in time")
+        if unstored:
+            logger.warning("%d connection(s) were not in the file descriptor store: "
+                           "closing them", len(unstored))
+        for conn in unstored:
+            # Not in the store: closed now, its echo sent as far as the socket takes it.
+            if conn.pending:
+                conn.on_writable()
+            conn.discard_input()
+            shared.close(conn, Close.SHUTDOWN)
+        self._released = True
+        poller = shared.poller
+        for conn in shared.conns.values():
+            poller.unregister(conn.fd)
+            conn.sock.close()  # our copy only: the store keeps the connection open
+        shared.conns.clear()
+        shared.per_client.clear()
+        for listener in list(shared.listeners.values()):
+            shared.close_listener(listener)
+
+    # --- taking over --------------------------------------------------------
+
+    def take_over(self, inherited: Inheritance) -> None:
+        """Serve the connections of the previous process, with their echo state."""
+        shared = self.shared
+        config = shared.config
+        state = inherited.state
+        records = state.records if state else {}
+        adopted = []
+        tallies = {_local_port(listener.sock): shared.tallies.get(fd)
+                   for fd, listener in shared.listeners.items()}
+        for item in inherited.connections:
+            sock = socket.socket(fileno=item.fd)
+            sock.setblocking(False)
+            peer = None
+            if config.log_connections or config.max_connections_per_ip:
+                try:
+                    peer = sock.getpeername()
+                except OSError:
+                    peer = None
+            conn = Connection(sock, peer if config.log_connections else None,
+                              config.buffer_size, shared.now)
+            conn.origin = tallies.get(_local_port(sock))  # its listener's, by port
+            record = records.pop(item.inode, None)
+            if record is not None:
+                conn.bytes_in = record.bytes_in
+                if record.pending:
+                    conn.pending = bytearray(record.pending)
+                conn.paused = bool(record.flags & PAUSED)
+                conn.read_closed = bool(record.flags & READ_CLOSED)
+                conn.peer_finished = bool(record.flags & PEER_FINISHED)
+            self._stored.add(conn.fd)
+            shared.conns[conn.fd] = conn
+            want = conn.wanted()
+            if want < 0:  # finished in the old process's last turn: only the close is left
+                shared.close(conn, want)
+                continue
+            shared.poller.register(conn.fd, want)
+            conn.interest = want
+            if config.max_connections_per_ip and isinstance(peer, tuple) and peer[0]:
+                conn.group = client_group(client_address(peer[0]), config.ipv6_prefix)
+                shared.per_client[conn.group] = shared.per_client.get(conn.group, 0) + 1
+            adopted.append(conn)
+        if CONNECTION_NAME in inherited.restore_names:
+            # A foreign descriptor was stored as a connection: only removing the
+            # name takes it out; then the real ones go back in.
+            self.store.remove(CONNECTION_NAME)
+            for conn in adopted:
+                self.store.queue(conn.fd, CONNECTION_NAME)
+            self.flush()
+        shared.counters.taken_over = len(adopted)
+        if records:
+            logger.warning("%d connection(s) of the hand-over state were not in the store "
+                           "(closed by systemd: FileDescriptorStoreMax= too small?)",
+                           len(records))
+        if state is not None or adopted or inherited.own_listeners:
+            logger.info("%s", describe_takeover(adopted, len(inherited.own_listeners), state))
+
+
+def describe_takeover(adopted: list[Connection], listeners: int,
+                      state: State | None) -> str:
+    pending = sum(len(conn.pending) for conn in adopted if conn.pending)
+    if state is not None:
+        origin = f"from PID {state.pid} (muxd {state.version}, {_kib(pending)} of pending echo)"
+    else:
+        origin = "without hand-over state (after a crash: echo held in memory is lost)"
+    return f"took over {len(adopted)} connections and {listeners} listeners {origin}"
+
+
+def _local_port(sock: socket.socket) -> int | None:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    return name[1] if isinstance(name, tuple) else None
+
+
+def _kib(count: int) -> str:
+    return f"{count / 1024:.0f} KiB" if count >= 1024 or count == 0 else f"{count} bytes"
+

@@ -1,0 +1,169 @@
+"""PID 1's side of the file descriptor store, played by a test (sd_notify(3)).
+
+``FdStoreSystemd`` is a NotifySocket that also does what systemd does with
+FDSTORE=1 / FDSTOREREMOVE=1 / BARRIER=1 messages: it binds its datagram
+socket with SO_PASSCRED, receives the SCM_RIGHTS descriptors and keeps them
+by name, closes extras beyond ``store_max`` (FileDescriptorStoreMax=), drops
+a stored descriptor that reports hang-up or error (PID 1 watches them with
+EPOLLHUP|EPOLLERR only) and closes a barrier's pipe end once every earlier
+message is processed. ``launch`` then starts the next process the way
+systemd does: the stored descriptors from fd 3 on, LISTEN_FDS, LISTEN_FDNAMES
+and LISTEN_PID (its own PID, through a shell that execs muxd). A background
+thread receives, so the daemon's queue drains as it would under systemd.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import queue
+import select
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from daemon_harness import NotifySocket
+
+SCM_MAX_FD = 253
+
+
+class FdStoreSystemd(NotifySocket):
+    def __init__(self, path: Path, store_max: int = 1024) -> None:
+        super().__init__(path)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.store_max = store_max
+        self.stored: list[tuple[int, str]] = []  # (fd, name), in the order received
+        self.closed_over_max = 0
+        self.dropped_on_hangup = 0
+        self.removals: list[str] = []
+        self._lock = threading.Lock()
+        self._inbox: queue.Queue[dict[str, str]] = queue.Queue()
+        self._stop_reading = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="fake-pid1", daemon=True)
+        self._thread.start()
+
+    # NotifySocket.wait_for reads messages through this.
+    def _receive(self, timeout: float) -> dict[str, str] | None:
+        try:
+            fields = self._inbox.get(timeout=max(timeout, 0.001))
+        except queue.Empty:
+            return None
+        self.messages.append(fields)
+        return fields
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [name for _, name in self.stored]
+
+    def count(self, name: str) -> int:
+        return self.names().count(name)
+
+    def _pump(self) -> None:
+        space = socket.CMSG_SPACE(SCM_MAX_FD * 4) + socket.CMSG_SPACE(64)
+        while not self._stop_reading.is_set():
+            with self._lock:
+                watched = list(self.stored)
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            for fd, _ in watched:
+                poller.register(fd, 0)  # hang-up and error are always reported
+            for fd, event in poller.poll(50):
+                if fd == self.sock.fileno():
+                    self._receive_one(space)
+                elif event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    self._drop_fd(fd)
+
+    def _receive_one(self, space: int) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(65536, space, socket.MSG_DONTWAIT)
+        except (BlockingIOError, OSError):
+            return
+        fds: list[int] = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
+                fds.extend(received)
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        if fields.get("FDSTORE") == "1":
+            name = fields.get("FDNAME", "stored")
+            with self._lock:
+                for fd in fds:
+                    if len(self.stored) >= self.store_max:
+                        os.close(fd)
+                        self.closed_over_max += 1
+                    else:
+                        self.stored.append((fd, name))
+            fds = []
+        if fields.get("FDSTOREREMOVE") == "1":
+            name = fields.get("FDNAME", "")
+            self.removals.append(name)
+            with self._lock:
+                for fd, stored_name in list(self.stored):
+                    if stored_name == name:
+                        os.close(fd)
+                        self.stored.remove((fd, stored_name))
+        for fd in fds:  # BARRIER=1's pipe, or anything else: closed once processed
+            os.close(fd)
+        if not fields.get("FDSTORE") and not fields.get("FDSTOREREMOVE"):
+            self._inbox.put(fields)
+
+    def _drop_fd(self, fd: int) -> None:
+        with self._lock:
+            for entry in self.stored:
+                if entry[0] == fd:
+                    self.stored.remove(entry)
+                    os.close(fd)
+                    self.dropped_on_hangup += 1
+                    return
+
+    def store_foreign(self, fd: int, name: str) -> None:
+        """Put a descriptor of the test's own into the store (a duplicate is kept)."""
+        with self._lock:
+            self.stored.append((os.dup(fd), name))
+
+    def launch_command(self, config_path: Path) -> tuple[list[str], dict[str, str],
+                                                          tuple[int, ...]]:
+        """Command, environment and pass_fds for the next muxd: a shim (as PID 1's
+        exec does) moves the stored descriptors to fds 3, 4, ... in the order
+        stored, sets LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID and execs muxd."""
+        with self._lock:
+            entries = list(self.stored)
+        sources = tuple(fd for fd, _ in entries)
+        env = {"FAKE_PID1_FDS": ",".join(map(str, sources)),
+               "FAKE_PID1_NAMES": ":".join(name for _, name in entries)}
+        command = [sys.executable, "-c", _EXEC_SHIM, sys.executable, "-m", "muxd",
+                   "--config", str(config_path)]
+        return command, env, sources
+
+    def entries(self) -> list[tuple[int, str]]:
+        with self._lock:
+            return list(self.stored)
+
+    def close(self) -> None:
+        self._stop_reading.set()
+        self._thread.join(5)
+        with self._lock:
+            for fd, _ in self.stored:
+                os.close(fd)
+            self.stored.clear()
+        super().close()
+
+
+_EXEC_SHIM = """
+import fcntl, os, sys
+sources = [int(fd) for fd in os.environ.pop("FAKE_PID1_FDS").split(",") if fd]
+names = os.environ.pop("FAKE_PID1_NAMES")
+floor = 3 + len(sources) + 8
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, floor) for fd in sources]
+for fd in sources:
+    os.close(fd)
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index)
+    os.close(fd)
+if sources:  # systemd sets none of these when it passes nothing
+    os.environ.update(LISTEN_FDS=str(len(sources)), LISTEN_FDNAMES=names,
+                      LISTEN_PID=str(os.getpid()))
+os.execv(sys.argv[1], sys.argv[1:])
+"""
