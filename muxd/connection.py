@@ -38,7 +38,7 @@ AGAIN = 4  # "call on_readable again next turn, even without a new event"
 
 READ_CHUNK = 256 * 1024  # larger than common messages, so one read usually drains the queue
 MAX_READS_PER_EVENT = 16
-MAX_DISCARDS = 1024  # 64 MiB
+MAX_DISCARDS = 1024  # reads of input dropped per connection while stopping: 256 MiB
 
 # One receive buffer for the whole process: the loop is single-threaded and a
 # chunk is echoed (or copied into ``pending``) before the next read, so no
@@ -194,17 +194,18 @@ class Connection:
                 self.paused = False
         return self._wanted()
 
-    def discard_input(self) -> int:
+    def discard_input(self, reads: int = MAX_READS_PER_EVENT) -> int:
         """While the daemon stops: read and drop what the peer still sends.
 
         Closing a socket with unread input makes the kernel answer with RST and
         drop whatever echo is still in flight to the peer, so a stopping daemon
         keeps reading (and discarding) while it flushes, and drains what is
-        queued just before it closes. Reads to EAGAIN (bounded: a peer that
-        floods a stopping daemon gets its RST). Returns 0, or ``Close.EOF``
-        once the peer has finished sending, or ``Close.RESET`` on an error."""
+        queued just before it closes. At most ``reads`` reads, as while serving:
+        returns ``AGAIN`` when it stopped there (more may be queued: the caller
+        owes it another turn, stopping.py), 0 at EAGAIN, ``Close.EOF`` once the
+        peer has finished sending, or ``Close.RESET`` on an error."""
         recv_into = self.sock.recv_into
-        for _ in range(MAX_DISCARDS):
+        for _ in range(reads):
             try:
                 if not recv_into(RECV_BUFFER):
                     self.peer_finished = True
@@ -213,7 +214,7 @@ class Connection:
                 return 0
             except OSError:
                 return Close.RESET
-        return 0
+        return AGAIN
 
     def wanted(self) -> int:
         """What the connection wants next, from its state alone (a taken-over one)."""

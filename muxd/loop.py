@@ -120,7 +120,7 @@ class EchoServer:
             self._header_waiting = self.header_wait.waiting
             flushes.append(self.header_wait.flush_logs)
         self.reporter = Reporter(shared)
-        self.stopper = Stopping(shared, self._other_event)
+        self.stopper = Stopping(shared, self._other_event, self._promise_turn)
         self.housekeeping = Housekeeping(shared, self.reporter, flushes)
         self.reload = Reload(shared, self.housekeeping.schedule)
         self.metrics = None
@@ -209,6 +209,9 @@ class EchoServer:
             shared.now = now = monotonic()
             if shared.stopping:
                 self.stopper.dispatch(events)
+                if retry:  # while stopping, every promise is the stopper's
+                    self.stopper.give_turns(retry)
+                    retry = None
             else:
                 for fd, event in events:
                     conn = conns_get(fd)
@@ -306,6 +309,9 @@ class EchoServer:
             self.poller.modify(conn.fd, want)
             conn.interest = want
 
+    def _promise_turn(self, conn: Connection) -> None:
+        self._retry[conn.fd] = conn  # the container for the next turn (see the top)
+
     def _give_extra_turns(self, retry: dict[int, Connection]) -> None:
         conns = self.conns
         for conn in retry.values():
@@ -362,13 +368,15 @@ class EchoServer:
         elif signum in (signal.SIGTERM, signal.SIGINT):
             if self.metrics is not None:
                 self.metrics.close()
+            if not self.shared.stopping:
+                # Nothing more to read for echo, and nothing left to accept from;
+                # from now on the promises are the stopper's (made in begin, too).
+                self._retry.clear()
+                self._udp_retry.clear()
+                self._ready_listeners.clear()
             self.stopper.begin(signal.Signals(signum).name)
             if self.header_wait is not None:
                 self.header_wait.close_all()
-            # Nothing more to read for echo, and nothing left to accept from.
-            self._retry.clear()
-            self._udp_retry.clear()
-            self._ready_listeners.clear()
         elif signum == signal.SIGHUP:
             self.reload()
         elif signum == signal.SIGUSR1:
