@@ -11,6 +11,7 @@ the UDP guard, and writes only to the log and the notifier.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from muxd.connection import Connection
 from muxd.state import Counters, Shared
@@ -26,6 +27,17 @@ def describe_counters(counters: Counters, live: list[Connection]) -> str:
     return (f"connections: {len(live)} open, {counters.accepted} accepted, "
             f"{counters.refused} refused; closed by reason: {closed}; "
             f"bytes in {bytes_in}, out {bytes_out}")
+
+
+RULES_LOGGED = 8  # a deny list can hold thousands: the start-up line names the first few
+
+
+def _rules(networks: Sequence[object], empty: str) -> str:
+    if not networks:
+        return empty
+    named = ", ".join(map(str, networks[:RULES_LOGGED]))
+    more = len(networks) - RULES_LOGGED
+    return f"{named} and {more} more" if more > 0 else named
 
 
 def addresses(shared: Shared) -> str:
@@ -59,9 +71,8 @@ class Reporter:
         logger.info("listening on %s (%s backend)", addresses(shared), shared.poller.name)
         access = shared.access
         if access.active:
-            logger.info("access: allow %s; deny %s",
-                        ", ".join(map(str, access.allow)) or "everyone",
-                        ", ".join(map(str, access.deny)) or "no one")
+            logger.info("access: allow %s; deny %s", _rules(access.allow, "everyone"),
+                        _rules(access.deny, "no one"))
         text = status(shared)
         shared.notifier.ready(text)
         self._reported_status = text

@@ -202,3 +202,16 @@ def test_access_policy_matches_like_the_networks_it_holds() -> None:
                 not allow or any(address in n for n in allow))
             assert policy.permits(address) == expected, (allow, deny, address)
 
+
+
+def test_a_long_deny_list_is_logged_at_start_as_its_first_rules_and_a_count(start_muxd) -> None:
+    """A deny list of thousands of rules (a blocklist pasted in) must not make a log line
+    of hundreds of KB at start: the line names the first rules and how many more."""
+    port = free_port()
+    rules = ", ".join(f"198.51.{n >> 8}.{n & 255}" for n in range(5000))
+    daemon = start_muxd(access_config(port, deny=rules))
+    daemon.wait_log("access: allow everyone; deny 198.51.0.0/32, ")
+    line = next(line for line in daemon.log.splitlines() if "access: allow" in line)
+    assert line.endswith("and 4992 more"), line
+    assert len(line) < 400, f"{len(line)} characters"
+    assert attempt(port, "127.0.0.1") == "echo"
