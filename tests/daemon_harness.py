@@ -7,6 +7,7 @@ messages (READY=1, STATUS=, STOPPING=1 ...) instead of sleeping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -85,6 +86,13 @@ class NotifySocket:
             if contains is not None and contains not in message[key]:
                 continue
             return message
+
+    def sent_after_stopping(self, settle: float = 0.3) -> list[dict[str, str]]:
+        """The messages from STOPPING=1 on, once whatever follows within ``settle`` s is in."""
+        with contextlib.suppress(AssertionError):
+            self.wait_for("READY", timeout=settle)
+        start = next(i for i, message in enumerate(self.messages) if "STOPPING" in message)
+        return self.messages[start:]
 
     def close(self) -> None:
         self.sock.close()
@@ -242,6 +250,16 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
             break
         chunks += chunk
     return bytes(chunks)
+
+
+def raw_exchange(port: int, request: bytes, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+    """Send ``request`` and read until the server closes (``b"<reset>"`` if it resets)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        try:
+            return recv_until_eof(sock)
+        except ConnectionResetError:
+            return b"<reset>"
 
 
 def recv_until_eof(sock: socket.socket, limit: int = 1 << 30) -> bytes:

@@ -20,16 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from daemon_harness import raise_own_nofile, recv_until_eof, sees_connection_end  # noqa: E402
-
-
-def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request)
-        try:
-            return recv_until_eof(sock)
-        except ConnectionResetError:
-            return b"<reset>"
+from daemon_harness import (  # noqa: E402
+    raise_own_nofile,
+    raw_exchange,
+    recv_until_eof,
+    sees_connection_end,
+)
 
 
 def hostile_scrapers(metrics_port: int, request_timeout: float,

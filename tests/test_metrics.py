@@ -25,6 +25,7 @@ from daemon_harness import (
     connect,
     echo_once,
     free_port,
+    raw_exchange,
     recv_until_eof,
     sees_connection_end,
     wait_fds,
@@ -56,16 +57,6 @@ def metrics_config(port: int, metrics_port: int, backend: str = "auto", *,
                    extra: str = "") -> str:
     return (f"[server]\nlisten = 127.0.0.1:{port}\nbackend = {backend}\n{extra}"
             f"[metrics]\nlisten = 127.0.0.1:{metrics_port}\n")
-
-
-def raw_exchange(port: int, request: bytes, timeout: float = DEFAULT_TIMEOUT) -> bytes:
-    """Send ``request`` and read until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(request)
-        try:
-            return recv_until_eof(sock)
-        except ConnectionResetError:
-            return b"<reset>"
 
 
 def test_get_metrics_is_the_exposition_with_its_content_type(start_muxd, backend) -> None:
