@@ -480,11 +480,12 @@ class Container:
 
 def run_in_tree(
     rootfs: Path, name: str, command: list[str], binds: dict[Path, str], timeout: float,
-    chdir: str = "/",
+    chdir: str = "/", network: bool = False,
 ) -> int:
     """Run one command in the (unbooted) root filesystem of a release, in a container of its
-    own: its own network namespace (only lo), a throwaway overlay over the cached tree, and a
-    stub init as PID 1 so the command can reap what it starts. Output goes to ours.
+    own: its own network namespace (only lo; the host's with ``network``, e.g. to fetch
+    packages from the mirror), a throwaway overlay over the cached tree, and a stub init as
+    PID 1 so the command can reap what it starts. Output goes to ours.
     """
     cgroups = [root / f"nspawn-{name}" for root in _cgroup_roots()]
     for cgroup in cgroups:
@@ -499,8 +500,9 @@ def run_in_tree(
 
     nspawn = [
         "systemd-nspawn", "--quiet", f"--directory={rootfs}", f"--machine={name}",
-        "--register=no", "--keep-unit", "--private-network", "--volatile=overlay",
-        "--console=pipe", "--as-pid2", f"--chdir={chdir}", "--setenv=LANG=C.UTF-8",
+        "--register=no", "--keep-unit", *([] if network else ["--private-network"]),
+        "--volatile=overlay", "--console=pipe", "--as-pid2", f"--chdir={chdir}",
+        "--setenv=LANG=C.UTF-8",
         *(f"--bind={host}:{inside}" for host, inside in binds.items()),
         *command,
     ]
