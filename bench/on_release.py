@@ -114,12 +114,14 @@ def main(argv: list[str]) -> int:
             binds[export_tree(Path(candidate_root), Path(scratch) / "candidate")] = \
                 CANDIDATE_INSIDE
             candidate = CANDIDATE_INSIDE
-        return run_in_tree(
+        status = run_in_tree(
             rootfs, f"{MACHINE_PREFIX}bench-{release}-{os.getpid()}",
             ["bash", "-c", RUN, "-", candidate,
              os.environ.get("BENCH_MUXD_CANDIDATE_BACKEND", ""), module, *args],
             binds=binds, timeout=TIMEOUT_S, chdir=INSIDE,
         )  # fmt: skip
+    print(f"(/src/muxd/bench/out inside is {out.relative_to(REPO)} here)")
+    return status
 
 
 if __name__ == "__main__":
