@@ -179,7 +179,6 @@ class EchoServer:
         timers = self.timers
         monotonic = time.monotonic
         conns_get = self.conns.get
-        readable_only = poller.readable_only
         readable = poller.readable_mask
         writable = poller.writable_mask
         hangup = poller.hangup_mask
@@ -218,11 +217,15 @@ class EchoServer:
                     if conn is None:
                         self._other_event(fd)
                         continue
-                    if event != readable_only or conn.interest != READ:
+                    # One comparison for "a plain readable event on a connection
+                    # that owes nothing" (event == readable_only and interest ==
+                    # READ): every backend's readable_only is READ, and none
+                    # reports an event equal to another interest (pollers.py).
+                    if event != conn.interest:
                         # Anything but the fast path below: the state machine.
                         # (Kept short on purpose: CPython 3.11 specialises the
-                        # two comparisons above only if their jump over this
-                        # branch fits in one byte, i.e. no EXTENDED_ARG; an
+                        # comparison above only if its jump over this branch
+                        # fits in one byte, i.e. no EXTENDED_ARG; an
                         # unspecialised compare costs ~1% per message.)
                         want = conn.interest
                         if event & writable and conn.pending:

@@ -8,7 +8,11 @@ on the hot path; instead each backend says which bits mean "try to read"
 (``readable_mask``), "try to write" (``writable_mask``) and "the peer may have
 hung up, so read to the end" (``hangup_mask``), and which exact value means
 "readable and nothing else" (``readable_only``): the event almost every
-message arrives with, which the loop recognises with one comparison.
+message arrives with. On every backend it is ``READ`` itself, and no backend
+reports an event equal to another interest (2 and 3 would carry POLLPRI, which
+muxd never asks for; select's events are 1, 4 and 5), so the loop tells that
+event on a connection that wants only to read from everything else with one
+comparison, ``event != conn.interest`` (tests/test_pollers.py holds them to it).
 
 Edge- versus level-triggering is the one behavioural difference the loop must
 know (``edge_triggered``): under epoll's EPOLLET an fd is reported once per
