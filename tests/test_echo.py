@@ -21,6 +21,8 @@ from daemon_harness import (
     wait_until,
 )
 
+from muxd.loop import ECHO_VIEWS
+
 
 def _exchange_in_random_chunks(port: int, payload: bytes, seed: int) -> bytes:
     """Send ``payload`` in random chunk sizes while reading back concurrently."""
@@ -85,6 +87,21 @@ def test_tiny_messages_one_at_a_time(start_muxd, backend) -> None:
         for index in range(200):
             message = f"line {index}\n".encode()
             assert echo_once(sock, message) == message
+
+
+def test_messages_of_more_lengths_than_the_loop_keeps_views_for(start_muxd, backend) -> None:
+    # The fast path echoes through views of the receive buffer kept by length (loop.py,
+    # ECHO_VIEWS), emptied when full: every length, before and after, echoes exactly.
+    port = free_port()
+    start_muxd(server_config(port, backend))
+    rng = random.Random(12)
+    lengths = [*range(1, 2 * ECHO_VIEWS + 10), *range(3 * ECHO_VIEWS, 0, -1)]
+    with connect(port) as sock:
+        for length in lengths:
+            message = rng.randbytes(length)
+            assert echo_once(sock, message) == message, f"a message of {length} bytes"
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""  # and not a byte more
 
 
 def test_client_that_never_reads_costs_bounded_memory_and_hurts_nobody(
