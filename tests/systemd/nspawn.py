@@ -705,6 +705,13 @@ def reset_muxd(container: Container, pristine_config: str) -> None:
     container.systemctl("reset-failed", "muxd.service", "muxd.socket", check=False)
 
 
+def pending_echo(message: str) -> int:
+    """The bytes of pending echo a 'took over ...' line of muxd reports (KiB are rounded)."""
+    match = re.search(r"(\d+) (KiB|bytes) of pending echo", message)
+    assert match, message
+    return int(match.group(1)) * (1024 if match.group(2) == "KiB" else 1)
+
+
 def process_uid(container: Container, pid: int) -> int:
     status = container.path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]

@@ -32,6 +32,7 @@ from nspawn import (
     connected,
     echo_roundtrip,
     edit_ini,
+    pending_echo,
     pile_budget,
     pile_up,
     run_packaging_script,
@@ -367,13 +368,6 @@ def restarted(container: Container, old_pid: int) -> Callable[[], bool]:
         return pid not in (0, old_pid) and container.show("muxd", "ActiveState") == "active"
 
     return check
-
-
-def pending_echo(message: str) -> int:
-    """The bytes of pending echo a 'took over' line reports (KiB are rounded)."""
-    match = re.search(r"(\d+) (KiB|bytes) of pending echo", message)
-    assert match, message
-    return int(match.group(1)) * (1024 if match.group(2) == "KiB" else 1)
 
 
 def run_scenario(container: Container, events: list[str], upgrade: NewerTree | None = None
