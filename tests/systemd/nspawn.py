@@ -584,21 +584,22 @@ def echo_roundtrip(sock: socket.socket, payload: bytes, timeout: float = 5) -> b
     return bytes(received)
 
 
-def pile_up(sock: socket.socket, rng: random.Random, budget: int, stall: float = 0.5,
-            timeout: float = 30) -> bytes:
+def pile_up(sock: socket.socket, rng: random.Random, budget: int, sent: bytearray,
+            stall: float = 0.5, timeout: float = 30) -> int:
     """Send random bytes without reading any echo, until the peer takes no more for `stall`
-    seconds or `budget` bytes are sent; return what was sent. Against muxd, a budget above
-    what the kernel buffers of both ends hold (see pile_budget) leaves muxd holding
-    buffer_size of echo with reading paused. Leaves the socket non-blocking."""
+    seconds or `budget` bytes are sent; append what was sent to `sent` and return how much.
+    Against muxd, a budget above what the kernel buffers of both ends hold (see
+    pile_budget) leaves muxd holding buffer_size of echo with reading paused. Leaves the
+    socket non-blocking."""
     sock.setblocking(False)
-    sent = bytearray()
+    start = len(sent)
     stalled_since = 0.0
     deadline = time.monotonic() + timeout
-    while len(sent) < budget:
+    while len(sent) - start < budget:
         now = time.monotonic()
         if now > deadline:
-            raise AssertionError(f"piled only {len(sent)} bytes in {timeout}s")
-        block = rng.randbytes(min(65536, budget - len(sent)))
+            raise AssertionError(f"piled only {len(sent) - start} bytes in {timeout}s")
+        block = rng.randbytes(min(65536, budget - (len(sent) - start)))
         try:
             sent += block[:sock.send(block)]
             stalled_since = 0.0
@@ -607,7 +608,7 @@ def pile_up(sock: socket.socket, rng: random.Random, budget: int, stall: float =
             if now - stalled_since > stall:
                 break
             select.select([], [sock], [], 0.05)
-    return bytes(sent)
+    return len(sent) - start
 
 
 def pile_budget(container: Container) -> int:

@@ -70,7 +70,7 @@ class Held:
 
     echoed: list[socket.socket]
     piler: socket.socket
-    piled: bytes
+    piled: bytearray
 
 
 @contextmanager
@@ -83,7 +83,8 @@ def held_connections(machine: Container, listeners: int, count: int = 3) -> Iter
             assert echo_roundtrip(sock, line) == line
         piler.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
         piler.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        piled = pile_up(piler, random.Random(12), pile_budget(machine))
+        piled = bytearray()
+        pile_up(piler, random.Random(12), pile_budget(machine), piled)
         # Each of them in the store (and the listener, unless the socket unit holds it).
         wait_until(lambda: machine.show("muxd.service", "NFileDescriptorStore")
                    == str(count + 1 + listeners), timeout=10,

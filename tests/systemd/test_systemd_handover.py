@@ -206,6 +206,10 @@ class Streamers(threading.Thread):
                     continue
                 ledger = client.ledger
                 ledger.received += chunk
+                if index not in waiting:
+                    self._fail(index, selector, f"{len(chunk)} bytes of echo came when none "
+                               "was owed (after it was given up on?)")
+                    continue
                 waiting[index] = time.monotonic()
                 if ledger.owed() <= 0:
                     del waiting[index]
@@ -288,7 +292,7 @@ class Piler(threading.Thread):
             client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
             client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             for number in range(self.rounds):
-                client.ledger.sent += pile_up(client.sock, self.rng, self.budget)
+                pile_up(client.sock, self.rng, self.budget, client.ledger.sent)
                 if number == self.half_close_at:
                     client.sock.shutdown(socket.SHUT_WR)
                     client.half_closed = True
