@@ -32,6 +32,16 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def pid1(tmp_path: Path) -> Iterator[object]:
+    """The test as PID 1 of a unit with a file descriptor store (fake_systemd.py)."""
+    from fake_systemd import STORE_SIZE, FdStoreSystemd
+
+    fake = FdStoreSystemd(tmp_path / "notify-pid1", store_max=STORE_SIZE)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
 def start_muxd(tmp_path: Path) -> Iterator[Callable[..., Muxd]]:
     """Start muxd processes that are killed (by PID) when the test ends, pass or fail."""
     started: list[Muxd] = []

@@ -12,12 +12,9 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from daemon_harness import (
-    Muxd,
     connect,
     connect_slow_reader,
     echo_once,
@@ -28,53 +25,9 @@ from daemon_harness import (
     server_config,
     wait_until,
 )
-from fake_systemd import FdStoreSystemd
+from fake_systemd import Unit
 
 from muxd.handover import STATE_MAGIC
-
-STORE_SIZE = 64
-
-
-@pytest.fixture
-def pid1(tmp_path: Path) -> Iterator[FdStoreSystemd]:
-    fake = FdStoreSystemd(tmp_path / "notify-pid1", store_max=STORE_SIZE)
-    yield fake
-    fake.close()
-
-
-class Unit:
-    """One muxd 'service' whose generations share the fake PID 1's store."""
-
-    def __init__(self, pid1: FdStoreSystemd, start_muxd: Callable[..., Muxd], config: str,
-                 tmp_path: Path, store_size: int = STORE_SIZE) -> None:
-        self.pid1 = pid1
-        self.start_muxd = start_muxd
-        self.config_path = tmp_path / "unit.ini"
-        self.config_path.write_text(config)
-        self.env = {"FDSTORE": str(store_size)}
-        self.daemon = self._start()
-
-    def _start(self) -> Muxd:
-        command, env, fds = self.pid1.launch_command(self.config_path)
-        return self.start_muxd(None, command=command, env={**self.env, **env}, pass_fds=fds,
-                               notify_socket=self.pid1)
-
-    def restart(self) -> Muxd:
-        """What `systemctl restart` does with the unit's stop hook."""
-        old = self.daemon
-        old.signal(signal.SIGURG)
-        old.signal(signal.SIGTERM)
-        assert old.wait() == 0, old.log
-        old.wait_log("handing over")
-        self.daemon = self._start()
-        return self.daemon
-
-    def crash(self) -> Muxd:
-        """kill -9 and Restart=on-failure."""
-        self.daemon.signal(signal.SIGKILL)
-        self.daemon.wait()
-        self.daemon = self._start()
-        return self.daemon
 
 
 def test_restart_keeps_every_connection_with_its_pending_echo_and_half_close(
