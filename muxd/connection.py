@@ -70,7 +70,7 @@ class Connection:
     __slots__ = (
         "sock", "fd", "peer", "pending", "paused", "read_closed", "interest",
         "high_water", "bytes_in", "group", "peer_finished", "progress_mark", "idle_since",
-        "origin",
+        "origin", "client",
     )
 
     def __init__(self, sock: socket.socket, peer: object, high_water: int, now: float) -> None:
@@ -88,6 +88,11 @@ class Connection:
         self.bytes_in = 0
         self.group: object = None  # the per-client-limit key, when that limit is on
         self.origin: object = None  # its listener's tally (state.ListenerTally)
+        # What a PROXY header said (proxy_wait.py): None for a connection that
+        # came without one (its socket's peer is the client); for one admitted
+        # through a header, the (host, port) of the client it named, or () when
+        # it named none (LOCAL, UNKNOWN) or that is no longer known (a crash).
+        self.client: tuple | None = None
         # Idleness is judged by the loop's periodic sweep from progress (bytes
         # moved) rather than by a timestamp written on every event.
         self.progress_mark = 0
