@@ -70,6 +70,8 @@ class Keeper(Protocol):
 
     def forget_listener(self, listener: Listener) -> None: ...
 
+    def figures(self) -> dict[str, int]: ...
+
 
 class ListenerTally:
     """One listener's connections since the start (the metrics' per-listener figures)."""
