@@ -67,11 +67,12 @@ THROUGHPUT_COLUMNS = [
 ]  # fmt: skip
 # Churn: one connection (connect, one echoed message, close) is the unit. "store us/conn"
 # is the stand-in PID 1 file descriptor store's CPU (bench/fakestore.py, on the server's
-# core) for muxd with hand-over on: a cost of hand-over that is not muxd's own. p50/p99
-# are connect() to the last echoed byte.
+# core) for muxd with hand-over on: a cost of hand-over that is not muxd's own; "stored %"
+# the share of its connections that reached the store. p50/p99 are connect() to the last
+# echoed byte.
 CHURN_COLUMNS = [
     "server", "conn/s median [min-max]", "vs muxd", "srv us/conn [min-max]",
-    "us/conn vs muxd", "user us/conn", "store us/conn", "srv core busy%", "client CPU%",
+    "us/conn vs muxd", "user us/conn", "store us/conn", "stored %", "srv core busy%", "client CPU%",
     "client core busy%", "others%", "p50 us", "p99 us", "ok/runs",
 ]  # fmt: skip
 MEMORY_COLUMNS = [
@@ -149,6 +150,7 @@ def _churn_row(result: dict[str, Any], server: str, samples: list[dict[str, Any]
         _ratio_text(ratio_to_baseline(result, server, "server_cpu_us_per_msg")),
         _fmt(_median(samples, "server_user_us_per_msg"), 2),
         _fmt(_median(samples, "helper_cpu_us_per_msg"), 2),
+        _fmt(_median(samples, "stored_pct")),
         _fmt(_median(samples, "server_core_busy_pct")),
         _fmt(_median(samples, "client_cpu_pct")),
         _fmt(_median(samples, "client_core_busy_pct")),

@@ -67,6 +67,7 @@ class Counts:
     barriers: int = 0
     notifications: int = 0  # everything else: READY=1, STATUS=, STOPPING=1, ...
     peak_held: int = 0
+    received_by_name: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,6 +200,8 @@ class FakeStore:
             return
         self.stored[fd] = name
         self.counts.received += 1
+        by_name = self.counts.received_by_name
+        by_name[name] = by_name.get(name, 0) + 1
         self.counts.peak_held = max(self.counts.peak_held, len(self.stored))
         if watch:
             try:

@@ -132,6 +132,7 @@ def test_churn_with_handover_stores_connections_and_takes_them_out(
     # Every stored connection left the store when muxd closed it (shutdown before close).
     assert store["held_by_name"].get("conn", 0) == 0
     assert store["dropped_on_hangup"] >= store["received"] - 1  # all but the listener
+    assert 0 < sample["stored_pct"] <= 100
     assert sample["helper_cpu_us_per_msg"] >= 0  # the store's CPU, apart from muxd's
     assert "conn/s" in stdout and "store us/conn" in stdout
 
