@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -181,11 +182,41 @@ class Muxd:
 
     def close(self) -> None:
         if self.process.poll() is None:
+            # Its workers (workers > 1) get a parent-death signal and drain on their own;
+            # wait for them by pidfd, so that no test leaves an orphan running.
+            workers = [pidfd for pidfd in map(_pidfd, children(self.pid)) if pidfd is not None]
             self.process.kill()
             self.process.wait(DEFAULT_TIMEOUT)
+            for pidfd in workers:
+                _reap_orphan(pidfd, DEFAULT_TIMEOUT)
         self._log.close()
         if self.notify is not None and self._owns_notify:
             self.notify.close()
+
+
+def children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return {int(child) for child in path.read_text().split()}
+    except OSError:
+        return set()
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _reap_orphan(pidfd: int, timeout: float) -> None:
+    """Wait for a process (not our child) to exit; SIGKILL it if it does not in time."""
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            raise AssertionError(f"a worker outlived its supervisor by {timeout}s (killed)")
+    finally:
+        os.close(pidfd)
 
 
 def server_config(port: int, backend: str = "auto", **limits: object) -> str:
