@@ -8,6 +8,7 @@ messages (READY=1, STATUS=, STOPPING=1 ...) instead of sleeping.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import resource
 import select
@@ -219,6 +220,26 @@ def _reap_orphan(pidfd: int, timeout: float) -> None:
         os.close(pidfd)
 
 
+def socket_activation(config: Path, *sockets: socket.socket, names: tuple[str, ...] = ()
+                      ) -> dict[str, object]:
+    """Keyword arguments for ``Muxd``/``start_muxd`` that start muxd with ``sockets`` as
+    fds 3, 4, ... and LISTEN_PID its own PID, as systemd's socket activation does (a shell
+    knows its PID, then execs muxd)."""
+    def become_listen_fds() -> None:
+        # Up high first: a source may itself be fd 3 or 4.
+        high = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 64) for sock in sockets]
+        for index, fd in enumerate(high):
+            os.dup2(fd, 3 + index)  # dup2 leaves the new descriptor inheritable
+            os.close(fd)
+
+    variables = f"LISTEN_PID=$$ LISTEN_FDS={len(sockets)}"
+    if names:
+        variables += f" LISTEN_FDNAMES={':'.join(names)}"
+    shell = f'{variables} exec "{sys.executable}" -m muxd --config {config}'
+    return {"preexec": become_listen_fds, "command": ["/bin/sh", "-c", shell],
+            "pass_fds": tuple(range(3, 3 + len(sockets)))}
+
+
 def server_config(port: int, backend: str = "auto", **limits: object) -> str:
     """A config listening on 127.0.0.1:port with the given [limits] keys."""
     lines = ["[server]", f"listen = 127.0.0.1:{port}", f"backend = {backend}", "[limits]"]
@@ -362,22 +383,31 @@ def unprovoked_errors(log: str, provoked: tuple[str, ...] = ()) -> list[str]:
 
 
 _COUNTERS = re.compile(r"counters: connections: (\d+) open, (\d+) accepted, \d+ refused; "
-                       r"closed by reason: (.*?); bytes in (\d+), out (\d+)")
+                       r"closed by reason: (.*?); bytes in (\d+), out (\d+)"
+                       r"(?:, dropped while stopping (\d+))?")
+
+
+def counters_lines(daemon: Muxd) -> list[dict[str, int]]:
+    """Every SIGUSR1 counters line logged so far, parsed: open, accepted, the
+    closed-by-reason counts (eof, reset, idle, limit, shutdown, access), bytes_in,
+    bytes_out, dropped (input thrown away while stopping)."""
+    parsed = []
+    for opened, accepted, closed, bytes_in, bytes_out, dropped in _COUNTERS.findall(daemon.log):
+        counts = {"open": int(opened), "accepted": int(accepted), "bytes_in": int(bytes_in),
+                  "bytes_out": int(bytes_out), "dropped": int(dropped or 0)}
+        for reason, count in re.findall(r"(\w+) (\d+)", closed):
+            counts[reason] = int(count)
+        parsed.append(counts)
+    return parsed
 
 
 def read_counters(daemon: Muxd, timeout: float = DEFAULT_TIMEOUT) -> dict[str, int]:
-    """SIGUSR1 the daemon and parse the counters line it logs: open, accepted, the
-    closed-by-reason counts (eof, reset, idle, limit, shutdown, access), bytes_in, bytes_out."""
-    before = len(_COUNTERS.findall(daemon.log))
+    """SIGUSR1 the daemon and parse the counters line it logs (see counters_lines)."""
+    before = len(counters_lines(daemon))
     daemon.signal(signal.SIGUSR1)
-    found = wait_until(lambda: (lambda m: m if len(m) > before else None)(
-        _COUNTERS.findall(daemon.log)), timeout, what="the SIGUSR1 counters line")
-    opened, accepted, closed, bytes_in, bytes_out = found[-1]  # type: ignore[index]
-    counts = {"open": int(opened), "accepted": int(accepted),
-              "bytes_in": int(bytes_in), "bytes_out": int(bytes_out)}
-    for reason, count in re.findall(r"(\w+) (\d+)", closed):
-        counts[reason] = int(count)
-    return counts
+    found = wait_until(lambda: (lambda lines: lines if len(lines) > before else None)(
+        counters_lines(daemon)), timeout, what="the SIGUSR1 counters line")
+    return found[-1]  # type: ignore[index]
 
 
 class EchoProbe:
