@@ -12,9 +12,8 @@ At the end every held connection echoes one message, verified byte for byte, so 
 restart that lost connections fails the run rather than looking fast.
 
 What it does not include: systemd's own work (running the stop hook, which costs an
-exec and a ``systemctl list-jobs``; and PID 1's per-descriptor bookkeeping, which the
-README measures in a booted container), and the ~50 ms of a first CPython start
-being cold: every generation after the first starts warm, as under systemd.
+exec and a ``systemctl list-jobs``, and PID 1's per-descriptor bookkeeping; the README
+gives a restart's time in a booted container).
 """
 
 from __future__ import annotations
