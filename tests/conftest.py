@@ -25,6 +25,13 @@ def _backends_under_test() -> list[str]:
     return chosen or available
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by session fixtures
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The real-systemd tests last: their root filesystems may still be debootstrapping
+    in the background (.ci/run on a fresh machine), and the rest of the suite needs none."""
+    items.sort(key=lambda item: item.get_closest_marker("systemd") is not None)
+
+
 @pytest.fixture(params=_backends_under_test())
 def backend(request: pytest.FixtureRequest) -> str:
     """Run the test once per backend this platform has, like CPython's test_selectors."""
