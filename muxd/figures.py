@@ -9,8 +9,9 @@ itself stays where it happens (admission, ``Shared.close``, the UDP guard,
 reload), off the hot path: per connection and per listener, never per
 message. Gathering reads the connection table (for the bytes of live
 connections), the listeners' tallies, the hand-over room's figures, the UDP
-guard and the reload results; it changes nothing of the shared state. Its descriptors are registered in
-the shared poller by itself; the loop hands their events to ``on_event``.
+guard and the reload results; it changes nothing of the shared state. Its
+descriptors are registered in the shared poller by itself; the loop hands
+their events to ``on_event``.
 """
 
 from __future__ import annotations
