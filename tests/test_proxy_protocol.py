@@ -144,7 +144,7 @@ def test_a_header_fed_byte_by_byte_completes_on_its_last_byte(header, payload) -
     assert offset == len(header_bytes) - 1 and result.payload_start == 1
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(header=st.one_of(v1_headers(), v2_headers()), payload=st.binary(max_size=50),
        points=st.lists(st.integers(0, 1 << 17), max_size=10), stop=st.integers(0, 1 << 17))
 def test_a_reader_resumed_from_its_progress_reads_on_as_the_first_would(
