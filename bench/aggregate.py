@@ -65,6 +65,16 @@ THROUGHPUT_COLUMNS = [
     "us/msg vs muxd", "user us/msg", "srv core busy%", "client CPU%", "client core busy%",
     "others%", "p50 us", "p99 us", "ok/runs",
 ]  # fmt: skip
+# Churn: one connection (connect, one echoed message, close) is the unit. "store us/conn"
+# is the stand-in PID 1 file descriptor store's CPU (bench/fakestore.py, on the server's
+# core) for muxd with hand-over on: a cost of hand-over that is not muxd's own; "stored %"
+# the share of its connections that reached the store. p50/p99 are connect() to the last
+# echoed byte.
+CHURN_COLUMNS = [
+    "server", "conn/s median [min-max]", "vs muxd", "srv us/conn [min-max]",
+    "us/conn vs muxd", "user us/conn", "store us/conn", "stored %", "srv core busy%", "client CPU%",
+    "client core busy%", "others%", "p50 us", "p99 us", "ok/runs",
+]  # fmt: skip
 MEMORY_COLUMNS = [
     "server", "RSS before MiB", "RSS after MiB", "bytes/conn median [min-max]", "vs muxd",
     "ok/runs",
@@ -77,7 +87,8 @@ def with_other_load(sample: dict[str, Any]) -> dict[str, Any]:
     if any(sample.get(key, -1) < 0 for key in keys):
         return sample
     other = (sample["server_core_busy_pct"] + sample["client_core_busy_pct"]
-             - sample["server_cpu_pct"] - sample["client_cpu_pct"])  # fmt: skip
+             - sample["server_cpu_pct"] - sample["client_cpu_pct"]
+             - max(0.0, sample.get("helper_cpu_pct", -1)))  # fmt: skip
     return {**sample, "other_busy_pct": max(0.0, other)}
 
 
@@ -92,10 +103,13 @@ def _ok_runs(samples: list[dict[str, Any]]) -> str:
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     memory = result["kind"] == "memory"
+    churn = result["kind"] == "churn"
     for server in result["servers"]:
         samples = [with_other_load(s) for s in result["samples"].get(server, [])]
         ratio_text = _ratio_text(ratio_to_baseline(result, server))
-        if memory:
+        if churn:
+            rows.append(_churn_row(result, server, samples, ratio_text))
+        elif memory:
             before, after = _median(samples, "rss_before_kib"), _median(samples, "rss_after_kib")
             rows.append([
                 server,
@@ -122,7 +136,29 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _fmt(_median(samples, "p99_us")),
                 _ok_runs(samples),
             ])  # fmt: skip
-    return (MEMORY_COLUMNS if memory else THROUGHPUT_COLUMNS), rows
+    columns = CHURN_COLUMNS if churn else MEMORY_COLUMNS if memory else THROUGHPUT_COLUMNS
+    return columns, rows
+
+
+def _churn_row(result: dict[str, Any], server: str, samples: list[dict[str, Any]],
+               ratio_text: str) -> list[str]:  # fmt: skip
+    return [
+        server,
+        _fmt_spread(spread(samples, "msgs_per_s")),
+        ratio_text,
+        _fmt_spread(spread(samples, "server_cpu_us_per_msg"), 2),
+        _ratio_text(ratio_to_baseline(result, server, "server_cpu_us_per_msg")),
+        _fmt(_median(samples, "server_user_us_per_msg"), 2),
+        _fmt(_median(samples, "helper_cpu_us_per_msg"), 2),
+        _fmt(_median(samples, "stored_pct")),
+        _fmt(_median(samples, "server_core_busy_pct")),
+        _fmt(_median(samples, "client_cpu_pct")),
+        _fmt(_median(samples, "client_core_busy_pct")),
+        _fmt(_median(samples, "other_busy_pct")),
+        _fmt(_median(samples, "p50_us")),
+        _fmt(_median(samples, "p99_us")),
+        _ok_runs(samples),
+    ]
 
 
 def first_errors(result: dict[str, Any]) -> dict[str, str]:

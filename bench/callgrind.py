@@ -133,6 +133,17 @@ def measure(spec: ServerSpec, load: Load, seconds: float, out_dir: Path) -> tupl
     return result["msgs"], total_instructions(dump), waits(dump)
 
 
+def add_churn_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--churn", action="store_true",
+                        help="connection churn (loadgen --churn): instructions per connection "
+                             "(connect, one message echoed, close) instead of per message")
+
+
+def load_of(args: argparse.Namespace) -> tuple[Load, str]:
+    """The load to drive and what one unit of it is called."""
+    return Load(args.conns, args.size, churn=args.churn), "connection" if args.churn else "message"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.callgrind", description=__doc__)
     parser.add_argument("--servers", default="muxd,python-floor,uvloop",
@@ -141,21 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/callgrind"))
+    add_churn_option(parser)
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.servers.split(",") if name.strip()]
     unknown = [name for name in names if name not in SERVERS]
     if unknown:
         parser.error(f"unknown server(s): {', '.join(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    load = Load(args.conns, args.size)
+    load, unit = load_of(args)
     rows = []
     for name in names:
         msgs, instructions, turns = measure(SERVERS[name], load, args.seconds, args.out.resolve())
         rows.append((name, msgs, instructions / msgs if msgs else float("nan")))
-        print(f"  {name}: {msgs:,} messages, {rows[-1][2]:,.0f} instructions/msg, "
-              f"{msgs / turns if turns else float('nan'):.1f} messages/wait", flush=True)
+        print(f"  {name}: {msgs:,} {unit}s, {rows[-1][2]:,.0f} instructions/{unit}, "
+              f"{msgs / turns if turns else float('nan'):.1f} {unit}s/wait", flush=True)
     base = rows[0][2]
-    print(f"\n{args.conns} conns x {args.size} B, user-space instructions per message:")
+    print(f"\n{args.conns} conns x {args.size} B, user-space instructions per {unit}:")
     print(f"{'server':<18} {'messages':>10} {'instr/msg':>10} {'vs ' + rows[0][0]:>10}")
     for name, msgs, per_msg in rows:
         print(f"{name:<18} {msgs:>10,} {per_msg:>10,.0f} {per_msg / base:>9.2f}x")

@@ -20,6 +20,9 @@ class Load:
     size: int
     depth: int = 1
     idle: int = 0
+    # Connection churn: each of ``conns`` connectors loops connect, one message of
+    # ``size``, its verified echo, close (loadgen.c --churn); "msgs" are connections.
+    churn: bool = False
 
 
 class LoadgenFailed(RuntimeError):
@@ -35,12 +38,15 @@ def run_loadgen(
     duration: float,
     warmup: float,
     on_idle_connected: Callable[[], None] | None = None,
+    helper_pid: int | None = None,
 ) -> dict[str, Any]:
     """One closed-loop measurement against 127.0.0.1:``port``.
 
     If ``on_idle_connected`` is given, the client stops after opening its idle
     connections, the callback runs (e.g. to wait for the server to accept them or to
     sample its memory), and only then does the active load start.
+    ``helper_pid``'s CPU (a file descriptor store's) is reported apart, over the same
+    window, as ``helper_cpu_*``.
     """
     argv = [
         str(compiled(LOADGEN_SOURCE)),
@@ -57,6 +63,10 @@ def run_loadgen(
     ]
     if on_idle_connected is not None:
         argv.append("--wait-go")
+    if load.churn:
+        argv.append("--churn")
+    if helper_pid is not None:
+        argv.append(f"--helper-pid={helper_pid}")
     process = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE,

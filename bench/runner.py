@@ -66,6 +66,7 @@ def _measure_throughput(server: RunningServer, scenario: Scenario, settings: Set
         settings.duration,
         settings.warmup,
         on_idle_connected=wait_for_idle,
+        helper_pid=server.store.pid if server.store else None,
     )
 
 
@@ -106,14 +107,40 @@ def measure_once(server_name: str, scenario: Scenario, settings: Settings) -> Sa
                 sample.update(_measure_memory(server, scenario, settings))
             else:
                 sample.update(_measure_throughput(server, scenario, settings))
+        store_error = _note_store(sample, server)
         if sample.get("errors"):
             sample["error"] = f"{sample['errors']} client errors, first: {sample['first_error']}"
-        elif scenario.kind is Kind.THROUGHPUT and not sample.get("verified_bytes"):
+        elif scenario.kind is not Kind.MEMORY and not sample.get("verified_bytes"):
             sample["error"] = "no echoed bytes verified"
+        elif store_error:
+            sample["error"] = store_error
     except (ServerUnavailable, ServerFailed, LoadgenFailed, IdleNotAccepted, BuildError) as exc:
         sample["error"] = f"{type(exc).__name__}: {exc}"
     sample["wall_s"] = round(time.monotonic() - started, 3)
     return sample
+
+
+def _note_store(sample: Sample, server: RunningServer) -> str | None:
+    """A server under the fake PID 1 store: its counts into the sample, and what says
+    hand-over did not work: nothing stored (it was off), or connections the client
+    closed still held (muxd did not take them out, so PID 1 would keep them open)."""
+    if server.store is None:
+        return None
+    stats = server.store.stats
+    if stats is None:
+        return "the file descriptor store reported nothing"
+    sample["store"] = stats
+    held = stats["held_by_name"].get("conn", 0)
+    if sample.get("churn_completed"):
+        # Connections that ended before their batch reached the store (PID 1's queue was
+        # full, muxd retries 10 ms later) are never stored: a crash would lose them.
+        stored = stats["received_by_name"].get("conn", 0)
+        sample["stored_pct"] = min(100.0, 100.0 * stored / sample["churn_completed"])
+    if not stats["received"]:
+        return "hand-over was off: the file descriptor store received nothing"
+    if held:
+        return f"{held} closed connection(s) left in the file descriptor store"
+    return None
 
 
 def run_scenario(scenario: Scenario, servers: list[str], settings: Settings) -> dict[str, Any]:
@@ -144,6 +171,15 @@ def _report_progress(scenario: Scenario, sample: Sample) -> None:
         detail = f"FAILED {sample['error'][:160]}"
     elif scenario.kind is Kind.MEMORY:
         detail = f"{sample['bytes_per_conn']:.0f} B/conn"
+    elif scenario.kind is Kind.CHURN:
+        store = ""
+        if sample.get("helper_cpu_us_per_msg", -1) >= 0:
+            store = f" + store {sample['helper_cpu_us_per_msg']:.2f}"
+        detail = (
+            f"{sample['msgs_per_s']:>10,.0f} conn/s {sample['server_cpu_us_per_msg']:6.2f}"
+            f"{store} us/conn  core {sample['server_core_busy_pct']:.0f}% / client core "
+            f"{sample['client_core_busy_pct']:.0f}%"
+        )
     else:
         detail = (
             f"{sample['msgs_per_s']:>10,.0f} msg/s  {sample['server_cpu_us_per_msg']:6.2f} us/msg"

@@ -9,6 +9,7 @@ from bench.loadgen import Load
 class Kind(Enum):
     THROUGHPUT = "throughput"
     MEMORY = "memory"
+    CHURN = "churn"  # a throughput run whose "messages" are whole connections
 
 
 PEERS = ("c-epoll", "uvloop", "asyncio-protocol", "asyncio-streams", "select-textbook")
@@ -20,6 +21,9 @@ WITH_FLOOR = (*MUXD_AND_PEERS, "python-floor")
 # not serving. select()/poll() scan every watched fd per call; epoll does not.
 BACKENDS_SELECT_OK = ("muxd", "muxd-poll", "muxd-select", "select-textbook")
 BACKENDS_BEYOND_FD_SETSIZE = ("muxd", "muxd-poll")
+# What hand-over costs per connection: muxd with it off and on, beside the fastest
+# Python peer and the C ceiling.
+CHURN_SERVERS = ("muxd", "muxd-handover", "uvloop", "c-epoll")
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,22 @@ SCENARIOS: dict[str, Scenario] = {
             ("muxd", "muxd-poll", "c-epoll", "uvloop", "asyncio-protocol", "asyncio-streams"),
             kind=Kind.MEMORY,
             headline="bytes_per_conn",
+        ),
+        Scenario(
+            "churn-c10",
+            "connect, 1 KiB echo, close; 10 connectors",
+            Load(10, KIB, churn=True),
+            CHURN_SERVERS,
+            kind=Kind.CHURN,
+            tags={"churn"},
+        ),
+        Scenario(
+            "churn-c100",
+            "connect, 1 KiB echo, close; 100 connectors",
+            Load(100, KIB, churn=True),
+            CHURN_SERVERS,
+            kind=Kind.CHURN,
+            tags={"churn"},
         ),
     ]
 }

@@ -9,12 +9,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import REPO_ROOT
 from bench.build import EPOLL_ECHO_SOURCE, compiled
+from bench.fakestore import DEFAULT_STORE_MAX, StoreProcess, store_process
 
 STARTUP_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 3.0
@@ -38,6 +39,10 @@ class ServerSpec:
     max_connections: int | None = None
     # Where the child runs; ``python -m`` imports from there first.
     cwd: Callable[[], Path] = lambda: REPO_ROOT
+    # Run as under systemd with a file descriptor store (bench/fakestore.py plays
+    # PID 1's part, as a process of its own on the server's core): NOTIFY_SOCKET and
+    # FDSTORE are set, so muxd's hand-over is on and stores every connection.
+    fdstore: bool = False
 
 
 def _python_module(module: str, port: int, _scratch: Path) -> list[str]:
@@ -106,6 +111,12 @@ SERVERS: dict[str, ServerSpec] = {
     spec.name: spec
     for spec in [
         ServerSpec("muxd", "muxd, backend=epoll", functools.partial(_muxd, "epoll")),
+        ServerSpec(
+            "muxd-handover",
+            "muxd, backend=epoll, hand-over on (a stand-in for PID 1's fd store)",
+            functools.partial(_muxd, "epoll"),
+            fdstore=True,
+        ),
         ServerSpec("muxd-poll", "muxd, backend=poll", functools.partial(_muxd, "poll")),
         ServerSpec(
             "muxd-select",
@@ -151,6 +162,7 @@ class RunningServer:
     spec: ServerSpec
     process: subprocess.Popen[bytes]
     port: int
+    store: StoreProcess | None = None  # its counts are in .stats once the server stopped
 
     @property
     def pid(self) -> int:
@@ -170,6 +182,9 @@ def pin_to_core(core: int) -> None:
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
+    # Only an fdstore spec runs as under systemd (the runner itself may be a service).
+    for variable in ("NOTIFY_SOCKET", "FDSTORE", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        env.pop(variable, None)
     # Peers and muxd must come from this checkout, not from an installed copy.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
@@ -212,18 +227,25 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 def running_server(
     spec: ServerSpec, core: int, startup_timeout: float = STARTUP_TIMEOUT_S
 ) -> Iterator[RunningServer]:
-    """Starts ``spec`` pinned to ``core``, yields once it accepts, and always stops it."""
-    with tempfile.TemporaryDirectory(prefix=f"bench-{spec.name}-") as scratch_dir:
+    """Starts ``spec`` pinned to ``core``, yields once it accepts, and always stops it
+    (and then its file descriptor store, if it has one)."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{spec.name}-") as scratch_dir, \
+            ExitStack() as stack:  # fmt: skip
         scratch = Path(scratch_dir)
         port = free_port()
         argv = spec.argv(port, scratch)
         cwd = spec.cwd()
         log = scratch / "stderr.log"
+        env = _child_env()
+        store = None
+        if spec.fdstore:
+            store = stack.enter_context(store_process(scratch / "notify", core))
+            env.update(NOTIFY_SOCKET=store.path, FDSTORE=str(DEFAULT_STORE_MAX))
         with open(log, "wb") as stderr:
             process = subprocess.Popen(
                 argv,
                 cwd=cwd,
-                env=_child_env(),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
@@ -231,7 +253,7 @@ def running_server(
             )
         try:
             wait_until_accepting(process, port, log, startup_timeout)
-            yield RunningServer(spec, process, port)
+            yield RunningServer(spec, process, port, store)
             if process.poll() is not None:
                 raise ServerFailed(f"died during the run: {_stderr_tail(log)}")
         finally:

@@ -193,14 +193,16 @@ def _take_stored(handover: _HandoverSetup, stored: list[tuple[int, str]]) -> Non
     items = [classify(fd, name) for fd, name in stored]
     inheritance = handover.inheritance = sort_inherited(items, handover.open_store())
     if not handover.enabled:
-        if inheritance.connections:
+        connections = inheritance.connections + inheritance.waiting
+        if connections:
             logger.warning("closed %d connection(s) handed over by the previous process: "
-                           "hand-over is off here", len(inheritance.connections))
-        for item in inheritance.connections:
+                           "hand-over is off here", len(connections))
+        for item in connections:
             _release(item)
         for item in inheritance.own_listeners:
             drop(item, "hand-over is off")
         inheritance.connections.clear()
+        inheritance.waiting.clear()
         inheritance.own_listeners.clear()
 
 

@@ -11,11 +11,13 @@ the path has become (a FIFO, a device, a huge file).
 
 from __future__ import annotations
 
+import ast
 import configparser
 import ipaddress
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -34,6 +36,18 @@ MAX_ADDRESSES = 64  # in one listen or udp list
 RESTART_ONLY_FIELDS = ("listen", "backend", "backlog", "workers", "udp", "metrics_listen",
                        "proxy_protocol", "handover")
 
+
+
+def _unrepr(line: str) -> str:
+    """ParsingError.errors holds repr(line) before Python 3.12 and the line itself after:
+    undo the repr, so that the error quotes the line once."""
+    if sys.version_info < (3, 12):
+        try:
+            value = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            return line
+        return value if isinstance(value, str) else line
+    return line
 
 def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
     """``repr(text)``, cut to ``limit`` characters: an error line must stay one
@@ -371,7 +385,7 @@ def parse_config_text(text: str, source: str) -> Config:
             f"line {err.lineno}: expected a [section] header before {quoted(err.line.strip())}"
         ) from None
     except configparser.ParsingError as err:
-        lines = ", ".join(f"line {lineno}: {quoted(line.strip())}"
+        lines = ", ".join(f"line {lineno}: {quoted(_unrepr(line).strip())}"
                           for lineno, line in err.errors[:3])
         if len(err.errors) > 3:
             lines += f" and {len(err.errors) - 3} more"

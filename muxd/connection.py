@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import socket
 from enum import IntEnum
+from typing import Protocol
 
 from muxd.pollers import READ, WRITE
 
@@ -52,6 +53,12 @@ def read_size(high_water: int) -> int:
     return min(READ_CHUNK, high_water)
 
 
+class Counted(Protocol):
+    """Where ``Connection.discard_input`` counts what it drops (state.Counters)."""
+
+    dropped: int
+
+
 class Close(IntEnum):
     """Why a connection was closed. Values are negative so they cannot be
     mistaken for an interest."""
@@ -70,7 +77,7 @@ class Connection:
     __slots__ = (
         "sock", "fd", "peer", "pending", "paused", "read_closed", "interest",
         "high_water", "bytes_in", "group", "peer_finished", "progress_mark", "idle_since",
-        "origin",
+        "origin", "client",
     )
 
     def __init__(self, sock: socket.socket, peer: object, high_water: int, now: float) -> None:
@@ -88,6 +95,11 @@ class Connection:
         self.bytes_in = 0
         self.group: object = None  # the per-client-limit key, when that limit is on
         self.origin: object = None  # its listener's tally (state.ListenerTally)
+        # What a PROXY header said (proxy_wait.py): None for a connection that
+        # came without one (its socket's peer is the client); for one admitted
+        # through a header, the (host, port) of the client it named, or () when
+        # it named none (LOCAL, UNKNOWN) or that is no longer known (a crash).
+        self.client: tuple | None = None
         # Idleness is judged by the loop's periodic sweep from progress (bytes
         # moved) rather than by a timestamp written on every event.
         self.progress_mark = 0
@@ -194,7 +206,8 @@ class Connection:
                 self.paused = False
         return self._wanted()
 
-    def discard_input(self, reads: int = MAX_READS_PER_EVENT) -> int:
+    def discard_input(self, reads: int = MAX_READS_PER_EVENT, counters: Counted | None = None
+                      ) -> int:
         """While the daemon stops: read and drop what the peer still sends.
 
         Closing a socket with unread input makes the kernel answer with RST and
@@ -203,18 +216,26 @@ class Connection:
         queued just before it closes. At most ``reads`` reads, as while serving:
         returns ``AGAIN`` when it stopped there (more may be queued: the caller
         owes it another turn, stopping.py), 0 at EAGAIN, ``Close.EOF`` once the
-        peer has finished sending, or ``Close.RESET`` on an error."""
+        peer has finished sending, or ``Close.RESET`` on an error. The bytes dropped are
+        added to ``counters.dropped`` (the SIGUSR1 line shows them)."""
         recv_into = self.sock.recv_into
-        for _ in range(reads):
-            try:
-                if not recv_into(RECV_BUFFER):
+        dropped = 0
+        try:
+            for _ in range(reads):
+                try:
+                    received = recv_into(RECV_BUFFER)
+                except BlockingIOError:
+                    return 0
+                except OSError:
+                    return Close.RESET
+                if not received:
                     self.peer_finished = True
                     return Close.EOF
-            except BlockingIOError:
-                return 0
-            except OSError:
-                return Close.RESET
-        return AGAIN
+                dropped += received
+            return AGAIN
+        finally:
+            if counters is not None:
+                counters.dropped += dropped
 
     def wanted(self) -> int:
         """What the connection wants next, from its state alone (a taken-over one)."""

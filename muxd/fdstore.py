@@ -67,6 +67,7 @@ class FdStore:
         self._queued: dict[int, str] = {}  # fd -> name, in the order queued
         self.sent = 0  # descriptors PID 1 accepted into its socket queue
         self.failed = 0  # descriptors that could not be sent (never retried)
+        self.rejected: list[int] = []  # the queued ones among them, for the caller to take
         self.last_error: OSError | None = None
 
     @property
@@ -96,6 +97,7 @@ class FdStore:
                 return False
             except OSError as err:
                 self.failed += len(batch)
+                self.rejected += batch
                 self.last_error = err
             else:
                 self.sent += len(batch)

@@ -8,9 +8,10 @@ translation of what the loop counts into ``metrics.Figures``. Counting
 itself stays where it happens (admission, ``Shared.close``, the UDP guard,
 reload), off the hot path: per connection and per listener, never per
 message. Gathering reads the connection table (for the bytes of live
-connections), the listeners' tallies, the UDP guard and the reload results;
-it changes nothing of the shared state. Its descriptors are registered in
-the shared poller by itself; the loop hands their events to ``on_event``.
+connections), the listeners' tallies, the hand-over room's figures, the UDP
+guard and the reload results; it changes nothing of the shared state. Its
+descriptors are registered in the shared poller by itself; the loop hands
+their events to ``on_event``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def gather(shared: Shared) -> Figures:
             listener.open += 1
             listener.received_bytes += conn.bytes_in
             listener.sent_bytes += conn.bytes_out
+    if shared.kept is not None:
+        figures.handover = shared.kept.figures()
     udp_guard = shared.udp_guard
     figures.udp_echoed = udp_guard.echoed
     for reason, count in udp_guard.dropped.items():

@@ -148,7 +148,7 @@ class EchoServer:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
         if self.handover is not None and self._inheritance is not None:
-            self.handover.take_over(self._inheritance)
+            self.handover.take_over(self._inheritance, self.header_wait)
             self._inheritance = None
         if self.metrics is not None:
             self.metrics.start()
@@ -377,7 +377,7 @@ class EchoServer:
                 and not self.shared.stopping:
             if self.metrics is not None:
                 self.metrics.close()
-            handover.hand_over(__version__)
+            handover.hand_over(__version__, self.header_wait)
             self._retry.clear()
             self._udp_retry.clear()
             self._ready_listeners.clear()

@@ -35,6 +35,8 @@ UDP_DROP_REASONS = ("source_port", "bad_source", "self", "access", "rate", "tota
 RELOAD_RESULTS = ("success", "failure")
 METRICS_ANSWERS = ("200", "400", "404", "405")
 METRICS_REFUSALS = ("limit", "access", "timeout")
+# Why a connection is not in systemd's file descriptor store.
+UNSTORED_REASONS = ("store_full", "store_error")
 
 
 @dataclass
@@ -57,9 +59,9 @@ class Figures:
     udp_echoed: int = 0
     udp_dropped: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(UDP_DROP_REASONS, 0))
-    # Hand-over of connections across restarts (issue "hand-over"): None
-    # until that exists; then connections and bytes taken over from the
-    # previous process, rendered as muxd_handover_* below.
+    # Hand-over of connections across restarts (handover.HandOver.figures):
+    # None when hand-over is off (no file descriptor store); rendered as
+    # muxd_handover_* below.
     handover: dict[str, int] | None = None
 
     def to_json(self) -> dict:
@@ -219,9 +221,18 @@ def render(service: ServiceFigures,
     dropped = family("muxd_udp_datagrams_dropped_total", "counter",
                      "UDP datagrams dropped unanswered, by reason.")
     handover_conns = family("muxd_handover_connections_total", "counter",
-                            "TCP connections taken over from the previous process.")
+                            "TCP connections taken over from the previous process at start.")
     handover_bytes = family("muxd_handover_bytes_total", "counter",
                             "Unsent echo bytes taken over with those connections.")
+    handover_lost = family("muxd_handover_lost_connections_total", "counter",
+                           "TCP connections the previous process could not hand over (not in "
+                           "the file descriptor store), or that could not be served here.")
+    unstored = family("muxd_handover_unstored_connections_total", "counter",
+                      "TCP connections that could not be put into the file descriptor store "
+                      "(a restart closes them), by reason.")
+    unstored_open = family("muxd_handover_unstored_connections_open", "gauge",
+                           "TCP connections open now that are not in the file descriptor "
+                           "store: a restart now would close them.")
     for worker, figures in loops:
         base: Labels = (("worker", worker),) if worker is not None else ()
         for name, listener in figures.listeners.items():
@@ -237,9 +248,14 @@ def render(service: ServiceFigures,
         echoed.add(base, figures.udp_echoed)
         for reason, count in figures.udp_dropped.items():
             dropped.add((*base, ("reason", reason)), count)
-        if figures.handover is not None:
-            handover_conns.add(base, figures.handover.get("connections", 0))
-            handover_bytes.add(base, figures.handover.get("bytes", 0))
+        handover = figures.handover
+        if handover is not None:
+            handover_conns.add(base, handover.get("connections", 0))
+            handover_bytes.add(base, handover.get("bytes", 0))
+            handover_lost.add(base, handover.get("lost", 0))
+            for reason in UNSTORED_REASONS:
+                unstored.add((*base, ("reason", reason)), handover.get(f"unstored_{reason}", 0))
+            unstored_open.add(base, handover.get("unstored_open", 0))
 
     reloads = family("muxd_config_reloads_total", "counter",
                      "Configuration reloads (SIGHUP), by result.")

@@ -101,6 +101,32 @@ class HeaderReader:
         self._client: Client | None = None
         self._result: Header | Malformed | None = None
 
+    def progress(self) -> tuple[bytes, int]:
+        """How far an unfinished header has come: the bytes kept (at most 107)
+        and how many bytes of the stream it has taken (more than those once v2
+        TLVs are being passed over). ``resume`` makes a reader from them: what
+        a hand-over carries of a connection still waiting for its header."""
+        if self._result is not None:
+            raise RuntimeError("the header has been read already")
+        return bytes(self._kept), self._taken
+
+    @classmethod
+    def resume(cls, kept: bytes, taken: int) -> HeaderReader:
+        """A reader that goes on where ``progress`` said another one was; ValueError
+        if that cannot be an unfinished header (a damaged hand-over state)."""
+        reader = cls()
+        if len(kept) > V1_MAX_LENGTH or taken < len(kept):
+            raise ValueError(f"{len(kept)} header bytes kept, {taken} taken")
+        if kept and reader.feed(kept) is not None:
+            raise ValueError("the kept bytes are not an unfinished header")
+        passed = taken - len(kept)  # v2 TLV bytes the old reader had passed over
+        if passed:
+            if not 0 < passed < reader._skip:
+                raise ValueError(f"{passed} bytes passed over, {reader._skip} to pass")
+            reader._skip -= passed
+            reader._taken = taken
+        return reader
+
     def feed(self, piece: bytes | bytearray | memoryview) -> Header | Malformed | None:
         if self._result is not None:
             raise RuntimeError("the header has been read already; the rest is payload")

@@ -18,6 +18,10 @@ A waiting connection costs a socket and at most 107 bytes of header
 one is closed by this room's sweep, so a slowloris on the header costs what
 an idle client costs, for seconds instead of ``idle_timeout``.
 
+At a restart's hand-over (handover.py) the waiting connections leave with
+their header as far as it has come (``hand_over``), and the next process's
+room reads on from there (``resume``), with what is left of their time.
+
 Of the shared state it may: register its waiting descriptors in the poller
 (and unregister them), add a connection it has admitted to the connection
 table and the per-client counts (as admission does), set the connection's
@@ -113,6 +117,47 @@ class HeaderWait:
         if self._sweep is None:
             self._sweep = shared.timers.call_at(shared.now + SWEEP_INTERVAL, self._expire)
 
+    def resume(self, sock: socket.socket, listener: Listener, header: bytes, taken: int,
+               waited: float) -> bool:
+        """A connection that was waiting here in the previous process (handover.py):
+        judged by this configuration's ``proxy_from``, then waiting on from where its
+        header had come, with what is left of its time. False if it was refused."""
+        shared = self.shared
+        tally = shared.tallies[listener.fd]
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None
+        if not self._trusted(peer):
+            host = peer[0] if isinstance(peer, tuple) and peer else "a non-IP peer"
+            self._refuse(sock, tally, "proxy_from", f"{host} is not in proxy_from")
+            return False
+        try:
+            reader = HeaderReader.resume(header, taken)
+        except ValueError as err:
+            self._refuse(sock, tally, "proxy_header", f"a damaged hand-over of its PROXY "
+                                                      f"protocol header ({err})")
+            return False
+        fd = sock.fileno()
+        try:
+            if fd >= shared.poller.fd_limit:
+                raise FdOutOfRange(f"the {shared.poller.name} backend cannot watch fd {fd}")
+            sock.setblocking(False)  # TCP_NODELAY lives on the socket: it came with it
+            # Registered, a socket whose header arrived meanwhile is reported at
+            # once, also under edge-triggering.
+            shared.poller.register(fd, READ)
+        except (OSError, FdOutOfRange) as err:
+            self._refuse(sock, tally, "cannot_watch", f"cannot watch a new connection: {err}",
+                         Close.LIMIT)
+            return False
+        waiting = _Waiting(sock, peer, listener.name, tally,  # type: ignore[arg-type]
+                           shared.now - waited)
+        waiting.reader = reader
+        self.waiting[fd] = waiting
+        if self._sweep is None:
+            self._sweep = shared.timers.call_at(shared.now + SWEEP_INTERVAL, self._expire)
+        return True
+
     def _trusted(self, peer: object) -> bool:
         if not (isinstance(peer, tuple) and peer and peer[0]):
             return False  # a unix socket has no address to trust
@@ -175,6 +220,7 @@ class HeaderWait:
         # connection, as with [logging] connections) for the log and for a
         # reload's regrouping, which cannot ask the socket for it.
         conn = Connection(sock, peer, shared.config.buffer_size, shared.now)
+        conn.client = () if client is None else peer  # a hand-over carries it (handover.py)
         shared.conns[fd] = conn
         conn.origin = waiting.tally
         kept = shared.kept
@@ -257,6 +303,26 @@ class HeaderWait:
         if log is None:
             log = self._refusals[log_kind] = RateLimitedLog(logging.WARNING)
         log.log(why if why.startswith("refused") else f"refused a connection: {why}")
+
+    def hand_over(self, room: int) -> tuple[list[tuple[socket.socket, bytes, int, float]],
+                                            int]:
+        """A restart's hand-over: every waiting connection leaves the room, unclosed,
+        with its header as far as it has come and how long it has waited, for the
+        store (at most ``room`` of them, the longest-waiting first; the others are
+        closed as at a stop). Returns those and how many were closed."""
+        now = self.shared.now
+        handed = []
+        for waiting in list(self.waiting.values())[:room]:
+            del self.waiting[waiting.fd]
+            try:
+                self.shared.poller.unregister(waiting.fd)
+            except (OSError, KeyError):
+                pass
+            header, taken = waiting.reader.progress()
+            handed.append((waiting.sock, header, taken, now - waiting.since))
+        closed = len(self.waiting)
+        self.close_all()
+        return handed, closed
 
     def close_all(self) -> None:
         """The daemon stops: nothing is owed to a connection that was never served."""

@@ -91,8 +91,12 @@ class Reload:
                 continue
             try:
                 # Behind a balancer the socket's peer is the balancer; the
-                # client its header named is kept in conn.peer (proxy_wait.py).
-                host = conn.peer[0] if config.proxy_protocol else conn.sock.getpeername()[0]
+                # client its header named is kept in conn.client (proxy_wait.py,
+                # or taken over with it): () when it named none, counted under
+                # no client, as admission did.
+                client = conn.client
+                host = conn.sock.getpeername()[0] if client is None else \
+                    client[0] if client else None
             except (OSError, IndexError, TypeError):
                 continue
             if host:

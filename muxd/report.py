@@ -24,9 +24,12 @@ def describe_counters(counters: Counters, live: list[Connection]) -> str:
     bytes_out = counters.bytes_out + sum(conn.bytes_out for conn in live)
     closed = ", ".join(f"{reason.name.lower()} {count}"
                        for reason, count in counters.closed.items())
-    return (f"connections: {len(live)} open, {counters.accepted} accepted, "
+    text = (f"connections: {len(live)} open, {counters.accepted} accepted, "
             f"{counters.refused} refused; closed by reason: {closed}; "
             f"bytes in {bytes_in}, out {bytes_out}")
+    if counters.dropped:
+        text += f", dropped while stopping {counters.dropped}"
+    return text
 
 
 RULES_LOGGED = 8  # a deny list can hold thousands: the start-up line names the first few

@@ -53,6 +53,7 @@ class Counters:
         self.bytes_in = 0  # of closed connections; live ones are added when reported
         self.bytes_out = 0
         self.taken_over = 0  # connections handed over by the previous process
+        self.dropped = 0  # input read and thrown away while stopping (stopping.py)
 
     @property
     def refused(self) -> int:
@@ -69,6 +70,8 @@ class Keeper(Protocol):
     def forget(self, conn: Connection) -> None: ...
 
     def forget_listener(self, listener: Listener) -> None: ...
+
+    def figures(self) -> dict[str, int]: ...
 
 
 class ListenerTally:

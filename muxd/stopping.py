@@ -117,7 +117,7 @@ class Stopping:
     def _discard(self, conn: Connection) -> int:
         """One share of dropping ``conn``'s input (see discard_input); AGAIN is promised
         another turn by ``_settle``, up to MAX_DISCARDS reads in all."""
-        discarded = conn.discard_input(MAX_READS_PER_EVENT)
+        discarded = conn.discard_input(MAX_READS_PER_EVENT, self.shared.counters)
         if discarded == AGAIN:
             turns = self._capped[conn] = self._capped.get(conn, 0) + 1
             if turns * MAX_READS_PER_EVENT >= MAX_DISCARDS:

@@ -25,10 +25,27 @@ def _backends_under_test() -> list[str]:
     return chosen or available
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by session fixtures
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The real-systemd tests last: their root filesystems may still be debootstrapping
+    in the background (.ci/run on a fresh machine), and the rest of the suite needs none."""
+    items.sort(key=lambda item: item.get_closest_marker("systemd") is not None)
+
+
 @pytest.fixture(params=_backends_under_test())
 def backend(request: pytest.FixtureRequest) -> str:
     """Run the test once per backend this platform has, like CPython's test_selectors."""
     return request.param
+
+
+@pytest.fixture
+def pid1(tmp_path: Path) -> Iterator[object]:
+    """The test as PID 1 of a unit with a file descriptor store (fake_systemd.py)."""
+    from fake_systemd import STORE_SIZE, FdStoreSystemd
+
+    fake = FdStoreSystemd(tmp_path / "notify-pid1", store_max=STORE_SIZE)
+    yield fake
+    fake.close()
 
 
 @pytest.fixture

@@ -8,8 +8,10 @@ messages (READY=1, STATUS=, STOPPING=1 ...) instead of sleeping.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -181,11 +183,61 @@ class Muxd:
 
     def close(self) -> None:
         if self.process.poll() is None:
+            # Its workers (workers > 1) get a parent-death signal and drain on their own;
+            # wait for them by pidfd, so that no test leaves an orphan running.
+            workers = [pidfd for pidfd in map(_pidfd, children(self.pid)) if pidfd is not None]
             self.process.kill()
             self.process.wait(DEFAULT_TIMEOUT)
+            for pidfd in workers:
+                _reap_orphan(pidfd, DEFAULT_TIMEOUT)
         self._log.close()
         if self.notify is not None and self._owns_notify:
             self.notify.close()
+
+
+def children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return {int(child) for child in path.read_text().split()}
+    except OSError:
+        return set()
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _reap_orphan(pidfd: int, timeout: float) -> None:
+    """Wait for a process (not our child) to exit; SIGKILL it if it does not in time."""
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            raise AssertionError(f"a worker outlived its supervisor by {timeout}s (killed)")
+    finally:
+        os.close(pidfd)
+
+
+def socket_activation(config: Path, *sockets: socket.socket, names: tuple[str, ...] = ()
+                      ) -> dict[str, object]:
+    """Keyword arguments for ``Muxd``/``start_muxd`` that start muxd with ``sockets`` as
+    fds 3, 4, ... and LISTEN_PID its own PID, as systemd's socket activation does (a shell
+    knows its PID, then execs muxd)."""
+    def become_listen_fds() -> None:
+        # Up high first: a source may itself be fd 3 or 4.
+        high = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, 64) for sock in sockets]
+        for index, fd in enumerate(high):
+            os.dup2(fd, 3 + index)  # dup2 leaves the new descriptor inheritable
+            os.close(fd)
+
+    variables = f"LISTEN_PID=$$ LISTEN_FDS={len(sockets)}"
+    if names:
+        variables += f" LISTEN_FDNAMES={':'.join(names)}"
+    shell = f'{variables} exec "{sys.executable}" -m muxd --config {config}'
+    return {"preexec": become_listen_fds, "command": ["/bin/sh", "-c", shell],
+            "pass_fds": tuple(range(3, 3 + len(sockets)))}
 
 
 def server_config(port: int, backend: str = "auto", **limits: object) -> str:
@@ -331,22 +383,31 @@ def unprovoked_errors(log: str, provoked: tuple[str, ...] = ()) -> list[str]:
 
 
 _COUNTERS = re.compile(r"counters: connections: (\d+) open, (\d+) accepted, \d+ refused; "
-                       r"closed by reason: (.*?); bytes in (\d+), out (\d+)")
+                       r"closed by reason: (.*?); bytes in (\d+), out (\d+)"
+                       r"(?:, dropped while stopping (\d+))?")
+
+
+def counters_lines(daemon: Muxd) -> list[dict[str, int]]:
+    """Every SIGUSR1 counters line logged so far, parsed: open, accepted, the
+    closed-by-reason counts (eof, reset, idle, limit, shutdown, access), bytes_in,
+    bytes_out, dropped (input thrown away while stopping)."""
+    parsed = []
+    for opened, accepted, closed, bytes_in, bytes_out, dropped in _COUNTERS.findall(daemon.log):
+        counts = {"open": int(opened), "accepted": int(accepted), "bytes_in": int(bytes_in),
+                  "bytes_out": int(bytes_out), "dropped": int(dropped or 0)}
+        for reason, count in re.findall(r"(\w+) (\d+)", closed):
+            counts[reason] = int(count)
+        parsed.append(counts)
+    return parsed
 
 
 def read_counters(daemon: Muxd, timeout: float = DEFAULT_TIMEOUT) -> dict[str, int]:
-    """SIGUSR1 the daemon and parse the counters line it logs: open, accepted, the
-    closed-by-reason counts (eof, reset, idle, limit, shutdown, access), bytes_in, bytes_out."""
-    before = len(_COUNTERS.findall(daemon.log))
+    """SIGUSR1 the daemon and parse the counters line it logs (see counters_lines)."""
+    before = len(counters_lines(daemon))
     daemon.signal(signal.SIGUSR1)
-    found = wait_until(lambda: (lambda m: m if len(m) > before else None)(
-        _COUNTERS.findall(daemon.log)), timeout, what="the SIGUSR1 counters line")
-    opened, accepted, closed, bytes_in, bytes_out = found[-1]  # type: ignore[index]
-    counts = {"open": int(opened), "accepted": int(accepted),
-              "bytes_in": int(bytes_in), "bytes_out": int(bytes_out)}
-    for reason, count in re.findall(r"(\w+) (\d+)", closed):
-        counts[reason] = int(count)
-    return counts
+    found = wait_until(lambda: (lambda lines: lines if len(lines) > before else None)(
+        counters_lines(daemon)), timeout, what="the SIGUSR1 counters line")
+    return found[-1]  # type: ignore[index]
 
 
 class EchoProbe:

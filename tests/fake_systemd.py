@@ -10,6 +10,10 @@ message is processed. ``launch`` then starts the next process the way
 systemd does: the stored descriptors from fd 3 on, LISTEN_FDS, LISTEN_FDNAMES
 and LISTEN_PID (its own PID, through a shell that execs muxd). A background
 thread receives, so the daemon's queue drains as it would under systemd.
+
+``Unit`` is one service's generations of muxd sharing that store (``restart``:
+the stop hook's SIGURG, SIGTERM, then the next process; ``crash``: kill -9,
+then the next); conftest's ``pid1`` fixture is the store itself.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ import array
 import os
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from daemon_harness import NotifySocket
+from daemon_harness import Muxd, NotifySocket
 
 SCM_MAX_FD = 253
+STORE_SIZE = 64
 
 
 class FdStoreSystemd(NotifySocket):
@@ -141,6 +148,23 @@ class FdStoreSystemd(NotifySocket):
         with self._lock:
             return list(self.stored)
 
+    def read(self, prefix: str) -> bytes:
+        """The contents of the one stored memfd whose name starts with ``prefix``."""
+        with self._lock:
+            (fd,) = [fd for fd, name in self.stored if name.startswith(prefix)]
+            return os.pread(fd, os.fstat(fd).st_size, 0)
+
+    def rewrite(self, prefix: str, change: Callable[[bytes], bytes]) -> None:
+        """Replace that memfd by one holding ``change(contents)``, under the same name."""
+        with self._lock:
+            ((index, (fd, name)),) = [(index, entry) for index, entry in enumerate(self.stored)
+                                      if entry[1].startswith(prefix)]
+            data = change(os.pread(fd, os.fstat(fd).st_size, 0))
+            replacement = os.memfd_create("rewritten")
+            os.write(replacement, data)
+            os.close(fd)
+            self.stored[index] = (replacement, name)
+
     def close(self) -> None:
         self._stop_reading.set()
         self._thread.join(5)
@@ -149,6 +173,47 @@ class FdStoreSystemd(NotifySocket):
                 os.close(fd)
             self.stored.clear()
         super().close()
+
+
+class Unit:
+    """One muxd 'service' whose generations share the fake PID 1's store."""
+
+    def __init__(self, pid1: FdStoreSystemd, start_muxd: Callable[..., Muxd], config: str,
+                 tmp_path: Path, store_size: int = STORE_SIZE) -> None:
+        self.pid1 = pid1
+        self.start_muxd = start_muxd
+        self.config_path = tmp_path / "unit.ini"
+        self.config_path.write_text(config)
+        self.env = {"FDSTORE": str(store_size)}
+        self.daemon = self.start()
+
+    def start(self) -> Muxd:
+        """The next process, given what the store holds."""
+        command, env, fds = self.pid1.launch_command(self.config_path)
+        self.daemon = self.start_muxd(None, command=command, env={**self.env, **env},
+                                      pass_fds=fds, notify_socket=self.pid1)
+        return self.daemon
+
+    def hand_over(self) -> Muxd:
+        """The stop half of `systemctl restart` with the unit's stop hook: SIGURG,
+        SIGTERM, and the process has handed over and exited."""
+        old = self.daemon
+        old.signal(signal.SIGURG)
+        old.signal(signal.SIGTERM)
+        assert old.wait() == 0, old.log
+        old.wait_log("handing over")
+        return old
+
+    def restart(self) -> Muxd:
+        """What `systemctl restart` does with the unit's stop hook."""
+        self.hand_over()
+        return self.start()
+
+    def crash(self) -> Muxd:
+        """kill -9 and Restart=on-failure."""
+        self.daemon.signal(signal.SIGKILL)
+        self.daemon.wait()
+        return self.start()
 
 
 _EXEC_SHIM = """

@@ -72,7 +72,7 @@ BAD_CONFIGS = [
     ("[sever]\nlisten = 127.0.0.1:7\n", ["[sever]", "unknown section"]),
     ("listen = 127.0.0.1:7\n", ["[section] header"]),
     ("[server]\nbacklog = 1\nbacklog = 2\n", ["[server] backlog", "twice"]),
-    ("[server]\nthis is not ini\n", ["KEY = VALUE"]),
+    ("[server]\nthis is not ini\n", ["KEY = VALUE", "line 2: 'this is not ini'"]),
 ]
 
 

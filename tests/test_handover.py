@@ -8,16 +8,15 @@ The booted-systemd versions of these are in tests/systemd/test_systemd_handover.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import struct
 import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from daemon_harness import (
-    Muxd,
     connect,
     connect_slow_reader,
     echo_once,
@@ -28,53 +27,19 @@ from daemon_harness import (
     server_config,
     wait_until,
 )
-from fake_systemd import FdStoreSystemd
+from fake_systemd import Unit
+from test_proxy_protocol_daemon import (
+    BALANCER,
+    connect_from,
+    held,
+    proxied_config,
+    served,
+    tlv,
+    v1,
+    v2,
+)
 
-from muxd.handover import STATE_MAGIC
-
-STORE_SIZE = 64
-
-
-@pytest.fixture
-def pid1(tmp_path: Path) -> Iterator[FdStoreSystemd]:
-    fake = FdStoreSystemd(tmp_path / "notify-pid1", store_max=STORE_SIZE)
-    yield fake
-    fake.close()
-
-
-class Unit:
-    """One muxd 'service' whose generations share the fake PID 1's store."""
-
-    def __init__(self, pid1: FdStoreSystemd, start_muxd: Callable[..., Muxd], config: str,
-                 tmp_path: Path, store_size: int = STORE_SIZE) -> None:
-        self.pid1 = pid1
-        self.start_muxd = start_muxd
-        self.config_path = tmp_path / "unit.ini"
-        self.config_path.write_text(config)
-        self.env = {"FDSTORE": str(store_size)}
-        self.daemon = self._start()
-
-    def _start(self) -> Muxd:
-        command, env, fds = self.pid1.launch_command(self.config_path)
-        return self.start_muxd(None, command=command, env={**self.env, **env}, pass_fds=fds,
-                               notify_socket=self.pid1)
-
-    def restart(self) -> Muxd:
-        """What `systemctl restart` does with the unit's stop hook."""
-        old = self.daemon
-        old.signal(signal.SIGURG)
-        old.signal(signal.SIGTERM)
-        assert old.wait() == 0, old.log
-        old.wait_log("handing over")
-        self.daemon = self._start()
-        return self.daemon
-
-    def crash(self) -> Muxd:
-        """kill -9 and Restart=on-failure."""
-        self.daemon.signal(signal.SIGKILL)
-        self.daemon.wait()
-        self.daemon = self._start()
-        return self.daemon
+from muxd.handover import STATE_MAGIC, decode_state
 
 
 def test_restart_keeps_every_connection_with_its_pending_echo_and_half_close(
@@ -257,8 +222,6 @@ def test_sigterm_without_the_stop_hook_is_the_graceful_stop(pid1, start_muxd, tm
     sock.close()
 
 
-
-
 def test_a_proxied_connection_is_stored_once_its_header_is_read_and_kept_at_restart(
         pid1, start_muxd, tmp_path) -> None:
     """With proxy_protocol, admission happens when the header has been read, outside an
@@ -278,3 +241,149 @@ def test_a_proxied_connection_is_stored_once_its_header_is_read_and_kept_at_rest
     second.wait_log(f"took over 1 connections and 1 listeners from PID {first.pid}")
     assert echo_once(client, b"PROXY after") == b"PROXY after"  # echo, not a header
     client.close()
+
+
+# --- behind a balancer: the client a PROXY header named -------------------------
+
+
+def unread_by_muxd(client: socket.socket) -> int:
+    """Bytes ``client`` sent that muxd's end has not read yet (its receive queue,
+    from /proc/net/tcp), so a test knows muxd has taken a partial header."""
+    def hex_address(host: str, port: int) -> str:
+        return f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
+
+    server, peer = hex_address(*client.getpeername()), hex_address(*client.getsockname())
+    with open("/proc/net/tcp") as table:
+        for line in table:
+            fields = line.split()
+            if fields[1:3] == [server, peer]:
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError("muxd's end of the connection is not in /proc/net/tcp")
+
+
+def format_1(data: bytes) -> bytes:
+    """A state as the previous format wrote it: no "format", "clients", "waiting"."""
+    state = decode_state(data)
+    records = list(state.records.values())
+    header = json.dumps({
+        "pid": state.pid, "version": state.version, "written": state.written,
+        "connections": [[r.inode, r.bytes_in, r.flags, len(r.pending)] for r in records],
+    }).encode()
+    return b"".join([STATE_MAGIC, struct.pack("!Q", len(header)), header,
+                     *(r.pending for r in records)])
+
+
+def test_a_proxied_connection_keeps_the_client_its_header_named_across_a_restart(
+        pid1, start_muxd, tmp_path) -> None:
+    """Limits, grouping, the log and a reload's regrouping see the client the header
+    named, after the restart exactly as before it (not the balancer, 127.0.0.1)."""
+    port = free_port()
+    unit = Unit(pid1, start_muxd, proxied_config(port, max_connections_per_ip=2), tmp_path)
+    first = unit.daemon
+    mine = [held(port, v1("198.51.100.7", 40000 + index)) for index in range(2)]
+    other = held(port, v2("2001:db8::9", 41000))
+    assert not served(port, v1("198.51.100.7"))  # at its limit
+    wait_until(lambda: pid1.count("conn") == 3, what="the proxied connections in the store")
+
+    second = unit.restart()
+    second.wait_log(f"took over 3 connections and 1 listeners from PID {first.pid}")
+    assert "without the client" not in second.log
+    assert not served(port, v1("198.51.100.7"))  # its two are still counted under it
+    second.wait_log("max_connections_per_ip (2) reached for 198.51.100.7")
+    assert served(port, v1("198.51.100.8"))
+    for sock in (*mine, other):
+        assert echo_once(sock, b"after") == b"after"
+    mine.pop(0).close()
+    second.wait_log("disconnect 198.51.100.7:40000 (eof)")
+    wait_until(lambda: served(port, v1("198.51.100.7")), what="its freed slot, counted back")
+
+    # A reload's new limit regroups the taken-over connections by their clients too.
+    unit.config_path.write_text(proxied_config(port, max_connections_per_ip=1))
+    second.signal(signal.SIGHUP)
+    second.notify.wait_for("READY", "1")
+    assert not served(port, v1("198.51.100.7"))  # holds one
+    assert not served(port, v2("2001:db8::1"))  # the /64 of 2001:db8::9 holds one
+    assert served(port, v1("198.51.100.8"))
+    for sock in (*mine, other):
+        sock.close()
+
+
+def test_connections_waiting_for_their_header_are_handed_over_with_what_was_read(
+        pid1, start_muxd, tmp_path) -> None:
+    """Not admitted yet, so not in the store while serving: stored at hand-over with
+    the header as far as it had come (a v1 line in part, a v2 header into its TLVs,
+    nothing yet), and the next process reads each on from there."""
+    port = free_port()
+    unit = Unit(pid1, start_muxd, proxied_config(port), tmp_path)
+    first = unit.daemon
+    line = v1("198.51.100.9", 40009)
+    binary = v2("2001:db8::5", 40005, tlv(0x04, os.urandom(600)))
+    cut_line, cut_binary = 20, 16 + 36 + 300
+    half_line, half_binary, silent = (connect_from(port) for _ in range(3))
+    half_line.sendall(line[:cut_line])
+    half_binary.sendall(binary[:cut_binary])
+    assert served(port, v1("198.51.100.1"))  # accepted after the three: they are in
+    for sock in (half_line, half_binary):
+        wait_until(lambda sock=sock: unread_by_muxd(sock) == 0, what="muxd to read its part")
+
+    second = unit.restart()
+    first.wait_log("handing over 0 connection(s) and 3 waiting for a PROXY header")
+    second.wait_log("took over 3 connections (3 still waiting for a PROXY header) and "
+                    f"1 listeners from PID {first.pid}")
+    assert pid1.count("state-wait") == 0, "read once, and out of the store"
+    for sock, rest in ((half_line, line[cut_line:]), (half_binary, binary[cut_binary:]),
+                       (silent, v1("198.51.100.10", 40010))):
+        payload = b"after the header: " + os.urandom(100)
+        sock.sendall(rest + payload)
+        assert recv_exactly(sock, len(payload)) == payload
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b"", "more than the payload came back"
+        sock.close()
+    for client in ("198.51.100.9:40009", "[2001:db8::5]:40005", "198.51.100.10:40010"):
+        second.wait_log(f"disconnect {client} (eof)")
+
+
+def test_a_format_1_state_is_read_and_its_proxied_clients_are_counted_under_none(
+        pid1, start_muxd, tmp_path) -> None:
+    """A state of the previous format (an upgrade from it) keeps every pending echo;
+    the clients the headers named are not in it, so those connections count under
+    no client: neither under their clients nor under the balancer."""
+    port = free_port()
+    unit = Unit(pid1, start_muxd, proxied_config(port, max_connections_per_ip=1,
+                                                 buffer_size=65536), tmp_path)
+    mine = held(port, v1("198.51.100.7"))
+    slow = connect_slow_reader(port)
+    slow.sendall(v1("198.51.100.8"))
+    stream = os.urandom(16 << 20)
+    sent = push_until_stalled(slow, stream)
+    wait_until(lambda: pid1.count("conn") == 2, what="both in the store")
+    old = unit.hand_over()
+    pid1.rewrite("state-", format_1)
+    second = unit.start()
+    second.wait_log(f"took over 2 connections and 1 listeners from PID {old.pid}")
+    assert "KiB of pending echo" in second.log
+    assert ("2 proxied connection(s) taken over without the client their PROXY header "
+            "named (a format-1 hand-over state)") in second.log
+    slow.settimeout(10)
+    assert recv_exactly(slow, sent) == stream[:sent]  # the state was read
+    assert echo_once(mine, b"after") == b"after"
+    assert served(port, v1(BALANCER))  # (HAProxy's v1 check names the balancer itself)
+    assert served(port, v1("198.51.100.7"))
+    for sock in (mine, slow):
+        sock.close()
+
+
+def test_after_a_crash_proxied_connections_count_under_no_client_not_the_balancer(
+        pid1, start_muxd, tmp_path) -> None:
+    port = free_port()
+    unit = Unit(pid1, start_muxd, proxied_config(port, max_connections_per_ip=1), tmp_path)
+    mine = held(port, v1("198.51.100.7"))
+    wait_until(lambda: pid1.count("conn") == 1, what="the connection in the store")
+    second = unit.crash()
+    second.wait_log("took over 1 connections and 1 listeners without hand-over state")
+    assert ("1 proxied connection(s) taken over without the client their PROXY header named "
+            "(no hand-over state: a crash)") in second.log
+    assert echo_once(mine, b"after") == b"after"
+    assert served(port, v1(BALANCER))  # not refused as if the balancer held one
+    assert served(port, v1("198.51.100.7"))  # its client is not known any more
+    mine.close()

@@ -22,6 +22,7 @@ from daemon_harness import (
     recv_exactly,
     sees_connection_end,
     server_config,
+    socket_activation,
     wait_until,
 )
 
@@ -277,17 +278,9 @@ def test_socket_activation_uses_the_inherited_listener(start_muxd, tmp_path) -> 
     client.sendall(b"early bird")
     config_port = free_port()
 
-    def become_fd_3() -> None:
-        os.dup2(listener.fileno(), 3)
-        os.set_inheritable(3, True)
-
-    # LISTEN_PID must be muxd's own PID: a shell knows its PID, then execs muxd.
     config = tmp_path / "activated.ini"
     config.write_text(server_config(config_port))
-    shell = (f'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=echo '
-             f'exec "{sys.executable}" -m muxd --config {config}')
-    daemon = start_muxd(None, preexec=become_fd_3, command=["/bin/sh", "-c", shell],
-                        pass_fds=(3,))
+    daemon = start_muxd(None, **socket_activation(config, listener, names=("echo",)))
     ready = daemon.notify.messages[-1]
     assert f"127.0.0.1:{port}" in ready["STATUS"]
     assert str(config_port) not in ready["STATUS"]

@@ -23,14 +23,17 @@ from daemon_harness import (
     DEFAULT_TIMEOUT,
     EchoProbe,
     connect,
+    connect_slow_reader,
     echo_once,
     free_port,
+    push_until_stalled,
     raw_exchange,
     recv_until_eof,
     sees_connection_end,
     wait_fds,
     wait_until,
 )
+from fake_systemd import Unit
 from metrics_harness import (
     PROMETHEUS,
     PROMTOOL,
@@ -44,6 +47,7 @@ from metrics_harness import (
 )
 
 import muxd
+from muxd.handover import decode_state
 from muxd.metrics import Figures, ListenerFigures, ServiceFigures, render
 from muxd.metrics_http import MAX_SCRAPERS, REQUEST_TIMEOUT
 
@@ -69,6 +73,8 @@ def test_get_metrics_is_the_exposition_with_its_content_type(start_muxd, backend
     samples = parse(body)
     assert samples[("muxd_build_info", frozenset({("version", muxd.__version__)}))] == 1
     assert samples[("muxd_connections_open", frozenset({("listener", f"127.0.0.1:{port}")}))] == 0
+    # No file descriptor store (not under systemd): no hand-over, none of its series.
+    assert not [name for name, _ in samples if name.startswith("muxd_handover_")]
 
 
 def test_other_paths_methods_and_garbage_get_404_405_400_then_close(start_muxd, backend) -> None:
@@ -337,6 +343,61 @@ def test_huge_request_heads_cost_bounded_memory(start_muxd) -> None:
     # 6 x 8 MiB sent; what muxd held of it is bounded by MAX_REQUEST_BYTES each.
     assert rss_peak - rss_before < 4 << 20, (rss_before, rss_peak)
     assert outcomes == [b"HTTP/1.1 400"] * len(clients), outcomes
+
+
+def test_handover_metrics_count_what_was_taken_over_and_what_the_full_store_closes(
+        pid1, start_muxd, tmp_path: Path) -> None:
+    """With the test as PID 1 (fake_systemd.py): a store with room for 2 connections,
+    3 clients, one of them owed echo; then a restart. Before it, the one not stored;
+    after it, what the new process took over (the bytes: exactly the pending echo in
+    the state the old one handed over) and the one the old process had to close;
+    after a second restart, those counted on."""
+    port, metrics_port = free_port(), free_port()
+    config = metrics_config(port, metrics_port, extra="[limits]\nbuffer_size = 65536\n")
+    unit = Unit(pid1, start_muxd, config, tmp_path, store_size=4)  # + 1 listener + the state
+
+    def handover() -> dict[str, float]:
+        """Every muxd_handover_* series, by name (and reason) without the prefix."""
+        return {name.removeprefix("muxd_handover_") + "".join(f"_{v}" for _, v in labels): value
+                for (name, labels), value in read_metrics(metrics_port).items()
+                if name.startswith("muxd_handover_")}
+
+    nothing = {"connections_total": 0, "bytes_total": 0, "lost_connections_total": 0,
+               "unstored_connections_total_store_full": 0,
+               "unstored_connections_total_store_error": 0,
+               "unstored_connections_open": 0}
+    assert handover() == nothing
+    talker = connect(port)
+    assert echo_once(talker, b"stored") == b"stored"
+    slow = connect_slow_reader(port)
+    push_until_stalled(slow, os.urandom(16 << 20))
+    wait_until(lambda: pid1.count("conn") == 2, what="two connections in the store")
+    beyond = connect(port)
+    assert echo_once(beyond, b"not stored") == b"not stored"
+    assert handover() == {
+        **nothing, "unstored_connections_total_store_full": 1, "unstored_connections_open": 1}
+
+    unit.hand_over()
+    pending = decode_state(pid1.read("state-")).pending_bytes
+    assert pending > 0
+    unit.start()
+    assert sees_connection_end(beyond)  # closed by the old process: it was not stored
+    assert handover() == {
+        **nothing, "connections_total": 2, "bytes_total": pending, "lost_connections_total": 1}
+    assert echo_once(talker, b"kept") == b"kept"
+    # Once more: the counters go on from the previous process's, never back (a
+    # restart that takes over as many as the last would otherwise look to
+    # increase() like no change at all).
+    unit.hand_over()
+    pending += decode_state(pid1.read("state-")).pending_bytes
+    unit.start()
+    assert handover() == {
+        **nothing, "connections_total": 4, "bytes_total": pending, "lost_connections_total": 1}
+    if Path(PROMTOOL).exists():
+        checked = promtool_check(scrape(metrics_port)[2])
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    for sock in (talker, slow, beyond):
+        sock.close()
 
 
 def test_workers_report_the_whole_service_on_one_endpoint(start_muxd) -> None:

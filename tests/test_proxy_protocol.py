@@ -4,7 +4,8 @@
    the reader raise or keep more than 107 bytes; any valid header (v1 TCP4, TCP6
    or UNKNOWN; v2 PROXY or LOCAL over any family, with random TLVs) followed by
    any payload, cut into any pieces, gives exactly the header's client address
-   and length, and exactly the payload after it.
+   and length, and exactly the payload after it; and so does a reader resumed
+   from another's progress (what a hand-over carries of a waiting connection).
 2. Examples: each malformed header the specification rules out is refused with
    a reason that names what was wrong, whether it arrives whole or byte by byte.
 """
@@ -99,10 +100,11 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
-def read_header(pieces: list[bytes]) -> tuple[Header | Malformed | None, bytes, HeaderReader]:
+def read_header(pieces: list[bytes], reader: HeaderReader | None = None
+                ) -> tuple[Header | Malformed | None, bytes, HeaderReader]:
     """Feed pieces until the reader answers; return its answer and the bytes after
     the header (the rest of that piece and every later one)."""
-    reader = HeaderReader()
+    reader = reader or HeaderReader()
     for index, piece in enumerate(pieces):
         result = reader.feed(memoryview(piece))
         assert len(reader._kept) <= V1_MAX_LENGTH, "the reader kept more than 107 bytes"
@@ -140,6 +142,40 @@ def test_a_header_fed_byte_by_byte_completes_on_its_last_byte(header, payload) -
             break
     assert isinstance(result, Header) and result.client == client
     assert offset == len(header_bytes) - 1 and result.payload_start == 1
+
+
+@settings(max_examples=500, deadline=None)
+@given(header=st.one_of(v1_headers(), v2_headers()), payload=st.binary(max_size=50),
+       points=st.lists(st.integers(0, 1 << 17), max_size=10), stop=st.integers(0, 1 << 17))
+def test_a_reader_resumed_from_its_progress_reads_on_as_the_first_would(
+        header, payload, points, stop) -> None:
+    """A hand-over carries a waiting connection's header as far as it has come
+    (``progress``); the next process's reader (``resume``) must give the same
+    header and the same payload as one reader fed everything."""
+    header_bytes, client = header
+    stop %= len(header_bytes)  # cut anywhere before the header's last byte
+    first = HeaderReader()
+    for piece in cut(header_bytes[:stop], points):
+        assert first.feed(piece) is None
+    kept, taken = first.progress()
+    assert taken == stop and len(kept) <= V1_MAX_LENGTH
+    result, after, _ = read_header([header_bytes[stop:] + payload],
+                                   HeaderReader.resume(kept, taken))
+    assert isinstance(result, Header), result
+    assert (result.client, result.length, after) == (client, len(header_bytes), payload)
+
+
+@pytest.mark.parametrize(("kept", "taken"), [
+    (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", 32),  # complete: not a waiting header
+    (b"GET / HTTP/1.1", 14),  # not a header at all
+    (b"PROXY ", 7),  # a v1 line passes nothing over
+    (b"PROXY ", 3),  # took fewer bytes than it kept
+    (V2_SIGNATURE + b"\x21\x11\x00\x10" + b"\0" * 12, 28 + 4),  # passed over all 4 left
+    (b"P" * 108, 108),  # longer than any header keeps
+])
+def test_a_damaged_progress_is_refused(kept: bytes, taken: int) -> None:
+    with pytest.raises(ValueError):
+        HeaderReader.resume(kept, taken)
 
 
 arbitrary_starts = st.one_of(

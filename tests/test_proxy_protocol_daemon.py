@@ -39,6 +39,7 @@ from daemon_harness import (
     recv_until_eof,
     sees_connection_end,
     server_config,
+    socket_activation,
     unprovoked_errors,
     wait_until,
 )
@@ -361,16 +362,9 @@ def test_socket_activated_listeners_expect_the_header_too(start_muxd, tmp_path) 
     listener.listen(16)
     port = listener.getsockname()[1]
 
-    def become_fd_3() -> None:
-        os.dup2(listener.fileno(), 3)
-        os.set_inheritable(3, True)
-
     config = tmp_path / "activated.ini"
     config.write_text(proxied_config(free_port()))
-    shell = (f'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=echo '
-             f'exec "{sys.executable}" -m muxd --config {config}')
-    daemon = start_muxd(None, preexec=become_fd_3, command=["/bin/sh", "-c", shell],
-                        pass_fds=(3,))
+    daemon = start_muxd(None, **socket_activation(config, listener, names=("echo",)))
     listener.close()
     assert served(port, v1("198.51.100.1"))
     assert not served(port, b"", b"plain client\n")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from daemon_harness import (
+    children,
     connect,
     connect_slow_reader,
     echo_once,
@@ -26,11 +27,6 @@ from muxd.listeners import EX_UNAVAILABLE
 def workers_config(port: int, workers: int = 2, **limits: object) -> str:
     return (server_config(port, **limits).replace("[limits]", f"workers = {workers}\n[limits]")
             + "[logging]\nconnections = yes\n")
-
-
-def children(pid: int) -> set[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return {int(child) for child in path.read_text().split()} if path.exists() else set()
 
 
 def worker_of(daemon, sock) -> int:
@@ -85,11 +81,15 @@ def test_a_killed_worker_is_replaced_and_the_others_never_notice(start_muxd) -> 
 
     load = threading.Thread(target=keep_echoing)
     load.start()
+    # The replacement logs the same line the victim did at start: wait for one more.
+    listening = "worker 0: listening on" if victim < survivor else "worker 1: listening on"
+    started_before = daemon.log.count(listening)
     os.kill(victim, signal.SIGKILL)
     daemon.wait_log(f"(pid {victim}) was killed by SIGKILL")
     replacement = wait_until(lambda: (children(daemon.pid) - {survivor, victim}) or None,
                              what="a replacement worker")
-    daemon.wait_log("worker 0: listening on" if victim < survivor else "worker 1: listening on")
+    wait_until(lambda: daemon.log.count(listening) > started_before,
+               what=f"the replacement's {listening!r}")
     stop.set()
     load.join(30)
     assert not errors, f"a client of the surviving worker saw {errors[0]!r}"

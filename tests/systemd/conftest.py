@@ -13,7 +13,6 @@ from a reset muxd.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -31,7 +30,9 @@ from nspawn import (
     apt_mirror,
     build_wheelhouse,
     ensure_rootfs,
+    export_newer_tree,
     export_tree,
+    project_version,
     reset_muxd,
     run_packaging_script,
 )
@@ -44,6 +45,8 @@ REQUIRED_TOOLS = ("systemd-nspawn", "debootstrap", "nsenter")
 # packaging/build-deb.sh's tools (.ci/run installs them).
 DEB_BUILD_TOOLS = ("dpkg-buildpackage", "dh", "scdoc", "lintian")
 DEBS_INSIDE = "/debs"
+# The newer release the upgrade tests install: this tree under a higher version.
+NEWER_SOURCE_INSIDE = "/src/muxd-newer"
 SELECTED_RELEASES = tuple(
     release for release in os.environ.get("MUXD_TEST_RELEASES", ",".join(RELEASES)).split(",")
     if release
@@ -93,6 +96,23 @@ def source_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_tree(SOURCE, tmp_path_factory.mktemp("source") / "src")
 
 
+@dataclass(frozen=True)
+class NewerTree:
+    """This tree as a newer release: the same code under a higher version."""
+
+    path: Path  # on the host; bound read-only at NEWER_SOURCE_INSIDE in `container`
+    version: str
+    old_version: str  # source_tree's
+
+
+@pytest.fixture(scope="session")
+def newer_tree(source_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> NewerTree:
+    version = project_version(source_tree)
+    newer = f"{version}+test1"
+    path = export_newer_tree(source_tree, tmp_path_factory.mktemp("newer") / "src", newer)
+    return NewerTree(path, newer, version)
+
+
 @pytest.fixture(scope="session")
 def wheelhouse(source_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_wheelhouse(source_tree, tmp_path_factory.mktemp("wheelhouse"))
@@ -100,15 +120,17 @@ def wheelhouse(source_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def container(
-    release: str, rootfs: Path, source_tree: Path, wheelhouse: Path,
+    release: str, rootfs: Path, source_tree: Path, newer_tree: NewerTree, wheelhouse: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Container]:
-    """A booted container of this release with muxd installed by packaging/install.sh."""
+    """A booted container of this release with muxd installed by packaging/install.sh
+    (from SOURCE_INSIDE; the newer tree to upgrade to is at NEWER_SOURCE_INSIDE)."""
     work = tmp_path_factory.mktemp(f"systemd-{release}")
     machine = Container(
         rootfs,
         name=f"{MACHINE_PREFIX}{release}-{os.getpid()}",
-        binds_ro={source_tree: SOURCE_INSIDE, wheelhouse: WHEELHOUSE_INSIDE},
+        binds_ro={source_tree: SOURCE_INSIDE, newer_tree.path: NEWER_SOURCE_INSIDE,
+                  wheelhouse: WHEELHOUSE_INSIDE},
         log_path=work / "nspawn.log",
         release=release,
     )
@@ -155,27 +177,15 @@ def build_deb(source: Path, outdir: Path, *args: str) -> str:
 
 @pytest.fixture(scope="session")
 def debian_packages(
-    source_tree: Path, tmp_path_factory: pytest.TempPathFactory
+    source_tree: Path, newer_tree: NewerTree, tmp_path_factory: pytest.TempPathFactory
 ) -> DebianPackages:
     """packaging/build-deb.sh run once per session on the host, lintian included, plus a
-    build of the same tree with a higher version (a newer changelog entry and __version__)."""
+    build of the newer tree (a newer changelog entry and __version__) to upgrade to."""
     require_prerequisites(DEB_BUILD_TOOLS)
     outdir = tmp_path_factory.mktemp("debs")
     build_deb(source_tree, outdir)
-    version = re.search(r'__version__ = "([^"]+)"',
-                        (source_tree / "muxd/__init__.py").read_text()).group(1)  # type: ignore[union-attr]
-    newer = f"{version}+test1"
-    bumped = export_tree(source_tree, tmp_path_factory.mktemp("newer") / "src")
-    init = bumped / "muxd/__init__.py"
-    init.write_text(init.read_text().replace(f'"{version}"', f'"{newer}"'))
-    changelog = bumped / "packaging/debian/changelog"
-    changelog.write_text(
-        f"muxd ({newer}) unstable; urgency=medium\n\n  * A newer build for the upgrade test."
-        "\n\n -- muxd tests <tests@muxd.invalid>  Tue, 01 Dec 2026 21:00:00 +0000\n\n"
-        + changelog.read_text()
-    )
-    build_deb(bumped, outdir, "--no-lintian")
-    return DebianPackages(outdir, version, newer)
+    build_deb(newer_tree.path, outdir, "--no-lintian")
+    return DebianPackages(outdir, newer_tree.old_version, newer_tree.version)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -200,6 +202,32 @@ def export_tree(repo: Path, dest: Path) -> Path:
         ".pytest_cache", ".ruff_cache", ".hypothesis",
     )
     shutil.copytree(repo, dest, ignore=ignore, symlinks=True)
+    return dest
+
+
+def project_version(tree: Path) -> str:
+    """The version in a muxd tree's muxd/__init__.py (the one place it is set)."""
+    match = re.search(r'^__version__ = "([^"]+)"$', (tree / "muxd/__init__.py").read_text(), re.M)
+    assert match, f"no __version__ in {tree}/muxd/__init__.py"
+    return match.group(1)
+
+
+def export_newer_tree(repo: Path, dest: Path, version: str) -> Path:
+    """An exported copy of the project that calls itself `version` (a newer release, for the
+    upgrade tests): muxd/__init__.py says so, and so does a new entry at the top of
+    packaging/debian/changelog (build-deb.sh requires the two to agree)."""
+    old = project_version(repo)
+    export_tree(repo, dest)
+    init = dest / "muxd/__init__.py"
+    init.write_text(init.read_text().replace(f'__version__ = "{old}"',
+                                             f'__version__ = "{version}"'))
+    assert project_version(dest) == version
+    changelog = dest / "packaging/debian/changelog"
+    changelog.write_text(
+        f"muxd ({version}) unstable; urgency=medium\n\n  * A newer build for the upgrade tests."
+        "\n\n -- muxd tests <tests@muxd.invalid>  Tue, 01 Dec 2026 21:00:00 +0000\n\n"
+        + changelog.read_text()
+    )
     return dest
 
 
@@ -558,6 +586,56 @@ def echo_roundtrip(sock: socket.socket, payload: bytes, timeout: float = 5) -> b
     return bytes(received)
 
 
+def pile_up(sock: socket.socket, rng: random.Random, budget: int, sent: bytearray,
+            stall: float = 0.5, timeout: float = 30) -> int:
+    """Send random bytes without reading any echo, until the peer takes no more for `stall`
+    seconds or `budget` bytes are sent; append what was sent to `sent` and return how much.
+    Against muxd, a budget above what the kernel buffers of both ends hold (see
+    pile_budget) leaves muxd holding buffer_size of echo with reading paused. Leaves the
+    socket non-blocking."""
+    sock.setblocking(False)
+    start = len(sent)
+    stalled_since = 0.0
+    deadline = time.monotonic() + timeout
+    while len(sent) - start < budget:
+        now = time.monotonic()
+        if now > deadline:
+            raise AssertionError(f"piled only {len(sent) - start} bytes in {timeout}s")
+        block = rng.randbytes(min(65536, budget - (len(sent) - start)))
+        try:
+            sent += block[:sock.send(block)]
+            stalled_since = 0.0
+        except BlockingIOError:
+            stalled_since = stalled_since or now
+            if now - stalled_since > stall:
+                break
+            select.select([], [sock], [], 0.05)
+    return len(sent) - start
+
+
+def pile_budget(container: Container) -> int:
+    """Enough bytes to fill muxd's send queue to a client that does not read (at most
+    tcp_wmem's maximum), the client's receive queue and buffer_size of muxd's, with room
+    to spare: what pile_up needs to pause muxd without a stall (~6 MiB here)."""
+    # Read inside: net.* sysctls are the reading process's network namespace's.
+    wmem = container.run(["cat", "/proc/sys/net/ipv4/tcp_wmem"]).stdout
+    wmem_max = int(wmem.split()[2])
+    return wmem_max + (2 << 20)
+
+
+def receive_exactly(sock: socket.socket, size: int, timeout: float = 10) -> bytes:
+    """Read `size` bytes (fewer only if the peer ends the connection first)."""
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    received = bytearray()
+    while len(received) < size:
+        chunk = sock.recv(min(size - len(received), 1 << 20))
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
 def udp_echo(container: Container, payload: bytes, host: str = "127.0.0.1", port: int = 7,
              timeout: float = 5) -> bytes:
     """One datagram to the echo port and the datagram that comes back."""
@@ -587,11 +665,12 @@ SOURCE_INSIDE = "/src/muxd"
 WHEELHOUSE_INSIDE = "/wheelhouse"
 
 
-def run_packaging_script(container: Container, script: str, *args: str) -> str:
-    """Run packaging/SCRIPT inside, offline, from a directory that is not the source tree."""
+def run_packaging_script(container: Container, script: str, *args: str,
+                         source: str = SOURCE_INSIDE) -> str:
+    """Run packaging/SCRIPT of the tree at `source` inside, offline, from a directory that
+    is not the source tree."""
     result = container.run(
-        ["bash", "-c", 'cd /tmp && exec "$@"', "-", f"{SOURCE_INSIDE}/packaging/{script}",
-         *args],
+        ["bash", "-c", 'cd /tmp && exec "$@"', "-", f"{source}/packaging/{script}", *args],
         env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE_INSIDE},
         timeout=300,
     )
@@ -627,6 +706,13 @@ def reset_muxd(container: Container, pristine_config: str) -> None:
     container.systemctl("daemon-reload")
     # Also clears the start rate limit, which many quick starts across tests would hit.
     container.systemctl("reset-failed", "muxd.service", "muxd.socket", check=False)
+
+
+def pending_echo(message: str) -> int:
+    """The bytes of pending echo a 'took over ...' line of muxd reports (KiB are rounded)."""
+    match = re.search(r"(\d+) (KiB|bytes) of pending echo", message)
+    assert match, message
+    return int(match.group(1)) * (1024 if match.group(2) == "KiB" else 1)
 
 
 def process_uid(container: Container, pid: int) -> int:

@@ -2,16 +2,35 @@
 
 apt installs the .deb offline (the root filesystem carries its Debian dependencies), the
 service starts by itself, `man` and `journalctl` work; installing a newer build keeps an
-edited conffile and restarts the service; remove stops it and keeps the config; purge
-removes everything; and it installs again. The tests run in file order on one container per
-release, each first putting the package in the state it starts from.
+edited conffile and restarts the service, and the new version takes over every connection
+(echo muxd held included), in muxd.service's mode and under muxd.socket; remove stops it and
+keeps the config; purge removes everything; and it installs again. The tests run in file
+order on one container per release, each first putting the package in the state it starts
+from.
 """
 
 from __future__ import annotations
 
+import random
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import pytest
 from conftest import DebianPackages
-from nspawn import MUXD_CONFIG, Container, connected, echo_roundtrip, edit_ini, wait_until
+from nspawn import (
+    MUXD_CONFIG,
+    Container,
+    connected,
+    echo_roundtrip,
+    edit_ini,
+    pending_echo,
+    pile_budget,
+    pile_up,
+    receive_exactly,
+    wait_until,
+)
 
 pytestmark = pytest.mark.systemd
 
@@ -42,6 +61,57 @@ def assert_serving(machine: Container, payload: bytes) -> None:
     assert machine.show("muxd.service", "ActiveState") == "active"
     with connected(machine) as sock:
         assert echo_roundtrip(sock, payload) == payload
+
+
+@dataclass
+class Held:
+    """Clients connected before an upgrade: some that echoed a line, and one that stopped
+    reading so that muxd holds its echo (buffer_size, reading paused)."""
+
+    echoed: list[socket.socket]
+    piler: socket.socket
+    piled: bytearray
+
+
+@contextmanager
+def held_connections(machine: Container, listeners: int, count: int = 3) -> Iterator[Held]:
+    echoed = [machine.connect(7) for _ in range(count)]
+    piler = machine.connect(7)
+    try:
+        for number, sock in enumerate(echoed):
+            line = f"held {number}\n".encode()
+            assert echo_roundtrip(sock, line) == line
+        piler.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        piler.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        piled = bytearray()
+        pile_up(piler, random.Random(12), pile_budget(machine), piled)
+        # Each of them in the store (and the listener, unless the socket unit holds it).
+        wait_until(lambda: machine.show("muxd.service", "NFileDescriptorStore")
+                   == str(count + 1 + listeners), timeout=10,
+                   what="the held connections in the file descriptor store")
+        yield Held(echoed, piler, piled)
+    finally:
+        for sock in (*echoed, piler):
+            sock.close()
+
+
+def assert_taken_over(machine: Container, held: Held, old_pid: int, old_version: str,
+                      version: str, listeners: int) -> None:
+    """The new version served the held connections, byte-exact, as the journal says."""
+    for number, sock in enumerate(held.echoed):
+        line = f"held {number} after the upgrade\n".encode()
+        assert echo_roundtrip(sock, line) == line, f"held connection {number} was dropped"
+    assert receive_exactly(held.piler, len(held.piled)) == held.piled, "the piled echo"
+    assert echo_roundtrip(held.piler, b"and on\n") == b"and on\n"
+    this_run = f"_SYSTEMD_INVOCATION_ID={machine.show('muxd', 'InvocationID')}"
+    took_over = machine.wait_for_journal(this_run, match=lambda e: "took over" in e["MESSAGE"])
+    message = took_over[-1]["MESSAGE"]
+    expected = (f"took over {len(held.echoed) + 1} connections and {listeners} listeners "
+                f"from PID {old_pid} (muxd {old_version},")
+    assert message.startswith(expected), message
+    assert pending_echo(message) >= 65536 - 512, message  # the piler's, muxd's buffer_size
+    messages = [e["MESSAGE"] for e in machine.journal(this_run)]
+    assert f"muxd {version} starting with {MUXD_CONFIG}" in messages, messages
 
 
 @pytest.fixture
@@ -98,12 +168,16 @@ def test_upgrade_keeps_the_edited_conffile_and_restarts_the_service(
     assert stops, prerm
     assert all('"$1" = remove' in script[n - 1] for n, script in stops), stops
 
-    output = apt_install(deb, newer)
-    assert installed_version(deb) == debian_packages.newer_version, output
-    assert deb.path(MUXD_CONFIG).read_text() == edited
-    assert not deb.path(f"{MUXD_CONFIG}.dpkg-new").exists()
-    new_pid = deb.main_pid()
-    assert new_pid and new_pid != old_pid, "the upgrade did not restart muxd.service"
+    with held_connections(deb, listeners=1) as held:
+        output = apt_install(deb, newer)
+        assert installed_version(deb) == debian_packages.newer_version, output
+        assert deb.path(MUXD_CONFIG).read_text() == edited
+        assert not deb.path(f"{MUXD_CONFIG}.dpkg-new").exists()
+        new_pid = deb.main_pid()
+        assert new_pid and new_pid != old_pid, "the upgrade did not restart muxd.service"
+        # No connection dropped by the upgrade: the new version took them all over.
+        assert_taken_over(deb, held, old_pid, debian_packages.version,
+                          debian_packages.newer_version, listeners=1)
     assert_serving(deb, b"upgraded\n")
     journal = deb.run(["journalctl", "-u", "muxd", "--no-pager"]).stdout
     assert f"muxd {debian_packages.newer_version} starting" in journal
@@ -124,13 +198,16 @@ def test_upgrade_in_socket_mode_keeps_the_socket_and_restarts_the_service(
     assert old_pid
     socket_since = deb.show("muxd.socket", "ActiveEnterTimestampMonotonic")
 
-    apt_install(deb, debian_packages.inside(debian_packages.newer_version))
-    assert deb.systemctl("is-enabled", "muxd.socket").strip() == "enabled"
-    assert deb.systemctl("is-enabled", "muxd.service", check=False).strip() == "disabled"
-    assert deb.show("muxd.socket", "ActiveState") == "active"
-    assert deb.show("muxd.socket", "ActiveEnterTimestampMonotonic") == socket_since
-    new_pid = deb.main_pid()
-    assert new_pid and new_pid != old_pid
+    with held_connections(deb, listeners=0) as held:  # the socket unit holds the listener
+        apt_install(deb, debian_packages.inside(debian_packages.newer_version))
+        assert deb.systemctl("is-enabled", "muxd.socket").strip() == "enabled"
+        assert deb.systemctl("is-enabled", "muxd.service", check=False).strip() == "disabled"
+        assert deb.show("muxd.socket", "ActiveState") == "active"
+        assert deb.show("muxd.socket", "ActiveEnterTimestampMonotonic") == socket_since
+        new_pid = deb.main_pid()
+        assert new_pid and new_pid != old_pid
+        assert_taken_over(deb, held, old_pid, debian_packages.version,
+                          debian_packages.newer_version, listeners=0)
     assert_serving(deb, b"still activated\n")
 
     # Removal stops the socket too, so no connection can start a service that is gone.
