@@ -2,7 +2,8 @@
 
     python3 bench/on_release.py trixie [MODULE [ARGS...]]     (as root)
 
-MODULE is ``bench`` (the default), ``bench.callgrind`` or ``bench.workers``; ARGS are its own.
+MODULE is ``bench`` (the default), ``bench.callgrind``, ``bench.workers`` or ``bench.restart``;
+ARGS are its own.
 For example, Debian 13's Python 3.13 against Debian 13's python3-uvloop:
 
     python3 bench/on_release.py trixie bench.callgrind --servers muxd,python-floor,uvloop
@@ -38,7 +39,7 @@ from nspawn import MACHINE_PREFIX, RELEASES, apt_mirror, ensure_rootfs, export_t
 
 CACHE = Path(os.environ.get("MUXD_TEST_CACHE", "/var/cache/muxd-test"))
 PEER_PACKAGES = ("python3-uvloop",)
-MODULES = ("bench", "bench.callgrind", "bench.workers")
+MODULES = ("bench", "bench.callgrind", "bench.workers", "bench.restart")
 INSIDE = "/src/muxd"
 CANDIDATE_INSIDE = "/src/candidate"
 DEBS_INSIDE = "/debs"
