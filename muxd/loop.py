@@ -233,8 +233,9 @@ class EchoServer:
                         # Anything but the fast path below: the state machine.
                         # (Kept short on purpose: CPython 3.11 specialises the
                         # comparison above only if its jump over this branch
-                        # fits in one byte, i.e. no EXTENDED_ARG; an
-                        # unspecialised compare costs ~1% per message.)
+                        # fits in one byte, i.e. no EXTENDED_ARG; the fast path
+                        # first costs 1.3% per message there. 3.13 specialises
+                        # it either way: bench/RESULTS.md, "Python 3.13".)
                         want = conn.interest
                         if event & writable and conn.pending:
                             want = conn.on_writable()
