@@ -582,9 +582,11 @@ class HandOver:
         totals["connections"] += len(adopted) + resumed
         totals["bytes"] += sum(len(conn.pending) for conn in adopted if conn.pending)
         if records:
+            # systemd drops a stored connection that hangs up (its client reset or went
+            # away during the restart), and refuses descriptors beyond its store's size.
             logger.warning("%d connection(s) of the hand-over state were not in the store "
-                           "(closed by systemd: FileDescriptorStoreMax= too small?)",
-                           len(records))
+                           "(their clients went away during the restart, or systemd refused "
+                           "them: FileDescriptorStoreMax= below FDSTORE=?)", len(records))
         if unknown:
             logger.warning("%d proxied connection(s) taken over without the client their "
                            "PROXY header named (%s): counted under no client, logged with "
