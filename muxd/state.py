@@ -140,19 +140,23 @@ class Shared:
         if self.kept is not None:
             self.kept.forget(conn)  # out of the store too, or the peer never sees the end
         conn.sock.close()
+        # The counts are keyed by Close members, which an int reason finds
+        # (IntEnum hashes and compares as its value): no Close(reason) call,
+        # which is Python code in enum.py. bytes_out is a property: read once.
+        bytes_in = conn.bytes_in
+        bytes_out = conn.bytes_out
         counters = self.counters
-        counters.closed[Close(reason)] += 1
-        counters.bytes_in += conn.bytes_in
-        counters.bytes_out += conn.bytes_out
+        counters.closed[reason] += 1
+        counters.bytes_in += bytes_in
+        counters.bytes_out += bytes_out
         tally = conn.origin
         if tally is not None:
             tally.closed[reason] += 1
-            tally.bytes_in += conn.bytes_in
-            tally.bytes_out += conn.bytes_out
+            tally.bytes_in += bytes_in
+            tally.bytes_out += bytes_out
         if self.config.log_connections:
             logger.info("disconnect %s (%s): %d bytes in, %d echoed",
-                        peer_name(conn.peer), Close(reason).name.lower(),
-                        conn.bytes_in, conn.bytes_out)
+                        peer_name(conn.peer), Close(reason).name.lower(), bytes_in, bytes_out)
 
     def close_all(self, reason: int = Close.SHUTDOWN) -> None:
         for conn in list(self.conns.values()):
