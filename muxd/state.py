@@ -29,6 +29,7 @@ This module knows no room and no loop: it is the floor they stand on.
 from __future__ import annotations
 
 import logging
+from _socket import socket as _c_socket
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -42,6 +43,9 @@ from muxd.timers import Timers
 from muxd.udp import UdpEndpoint, UdpGuard
 
 logger = logging.getLogger("muxd")
+# socket.socket.close is two Python frames (close, _real_close) around the C close, which
+# is all a connection needs: it has no makefile() to wait for.
+_socket_close = _c_socket.close
 
 
 class Counters:
@@ -139,7 +143,7 @@ class Shared:
             pass
         if self.kept is not None:
             self.kept.forget(conn)  # out of the store too, or the peer never sees the end
-        conn.sock.close()
+        _socket_close(conn.sock)
         # The counts are keyed by Close members, which an int reason finds
         # (IntEnum hashes and compares as its value): no Close(reason) call,
         # which is Python code in enum.py. bytes_out is a property: read once.
