@@ -69,10 +69,11 @@ class Admission:
         # listener's family and type as enums (two Enum calls) and its
         # timeout: ~12,300 instructions, over a fifth of a churned connection
         # (Python 3.11, bench.callgrind --churn). The C-level accept, with
-        # family and type read once per batch, makes the same socket.socket
-        # (its timeout check is moot: the socket is made non-blocking below).
+        # the listener's family and type as plain ints (Listener.socket_args),
+        # makes the same socket.socket (its timeout check is moot: the socket
+        # is made non-blocking below).
         accept = lsock._accept
-        family, kind, proto = lsock.family, lsock.type, lsock.proto
+        family, kind, proto = listener.socket_args
         conns = shared.conns
         config = shared.config
         poller = shared.poller

@@ -17,7 +17,7 @@ import errno
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from muxd.config import EX_CONFIG, Address, quoted
 
@@ -39,6 +39,13 @@ class ListenerError(Exception):
 class Listener:
     sock: socket.socket
     name: str  # what logs and STATUS= call it
+    # (family, type, proto) as plain ints, what admission makes each accepted
+    # socket with: sock.family and sock.type are enum conversions, Python code.
+    socket_args: tuple[int, int, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sock = self.sock
+        self.socket_args = (int(sock.family), int(sock.type), sock.proto)
 
     @property
     def fd(self) -> int:
