@@ -54,6 +54,8 @@ def test_restart_keeps_every_connection_with_its_pending_echo_and_half_close(
     slow_sent = push_until_stalled(slow, stream)  # muxd holds pending echo and paused
     closer = connect_slow_reader(port)
     closer_sent = push_until_stalled(closer, stream)
+    # Echo is checked against stream[:sent]: a wrapped (cyclic) send would not match it.
+    assert max(slow_sent, closer_sent) < len(stream)
     closer.shutdown(socket.SHUT_WR)  # half-closed, with echo still owed to it
     wait_until(lambda: pid1.count("conn") == 3, what="three connections in the store")
 
@@ -111,6 +113,7 @@ def test_kill_9_loses_at_most_the_echo_held_in_memory(pid1, start_muxd, tmp_path
     slow = connect_slow_reader(port)
     stream = os.urandom(16 << 20)
     sent = push_until_stalled(slow, stream)
+    assert sent < len(stream)  # checked against stream[:sent]: a wrapped send would not match
     wait_until(lambda: pid1.count("conn") == 2, what="both connections in the store")
 
     second = unit.crash()
@@ -356,6 +359,7 @@ def test_a_format_1_state_is_read_and_its_proxied_clients_are_counted_under_none
     slow.sendall(v1("198.51.100.8"))
     stream = os.urandom(16 << 20)
     sent = push_until_stalled(slow, stream)
+    assert sent < len(stream)  # checked against stream[:sent]: a wrapped send would not match
     wait_until(lambda: pid1.count("conn") == 2, what="both in the store")
     old = unit.hand_over()
     pid1.rewrite("state-", format_1)
