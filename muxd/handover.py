@@ -266,16 +266,12 @@ def sort_inherited(items: list[Received], store: FdStore | None) -> Inheritance:
                                                           socket.AF_UNIX):
                 found.connections.append(item)
                 continue
-            _drop(found, item, "stored as a connection but is not a connected stream socket")
-            if item.kind not in ("stream", "listener", "datagram", "socket"):
-                found.restore_names.add(item.name)
+            _drop_misstored(found, item, "a connected stream socket")
         elif item.name == LISTENER_NAME:
             if item.kind == "listener":
                 found.own_listeners.append(item)
                 continue
-            _drop(found, item, "stored as a listener but is not a listening stream socket")
-            if item.kind not in ("stream", "listener", "datagram", "socket"):
-                found.restore_names.add(item.name)
+            _drop_misstored(found, item, "a listening stream socket")
         elif item.name == WAITING_NAME:
             if store is not None and WAITING_NAME not in removed:
                 # Out of the store at once, like the state: once admitted, such a
@@ -316,6 +312,16 @@ def sort_inherited(items: list[Received], store: FdStore | None) -> Inheritance:
 def _drop(found: Inheritance, item: Received, why: str) -> None:
     drop(item, why)
     found.dropped += 1
+
+
+def _drop_misstored(found: Inheritance, item: Received, expected: str) -> None:
+    """Drop what was stored under muxd's own name (a connection's or a listener's) but
+    is not ``expected``; one that is not a socket at all also has its whole name
+    removed from the store (``Inheritance.restore_names``)."""
+    what = "a connection" if item.name == CONNECTION_NAME else "a listener"
+    _drop(found, item, f"stored as {what} but is not {expected}")
+    if item.kind not in ("stream", "listener", "datagram", "socket"):
+        found.restore_names.add(item.name)
 
 
 class HandOver:
