@@ -107,9 +107,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for server in result["servers"]:
         samples = [with_other_load(s) for s in result["samples"].get(server, [])]
         ratio_text = _ratio_text(ratio_to_baseline(result, server))
-        if churn:
-            rows.append(_churn_row(result, server, samples, ratio_text))
-        elif memory:
+        if memory:
             before, after = _median(samples, "rss_before_kib"), _median(samples, "rss_after_kib")
             rows.append([
                 server,
@@ -120,37 +118,28 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 _ok_runs(samples),
             ])  # fmt: skip
         else:
-            rows.append([
-                server,
-                _fmt_spread(spread(samples, "msgs_per_s")),
-                _fmt(_median(samples, "mib_per_s"), 1),
-                ratio_text,
-                _fmt_spread(spread(samples, "server_cpu_us_per_msg"), 2),
-                _ratio_text(ratio_to_baseline(result, server, "server_cpu_us_per_msg")),
-                _fmt(_median(samples, "server_user_us_per_msg"), 2),
-                _fmt(_median(samples, "server_core_busy_pct")),
-                _fmt(_median(samples, "client_cpu_pct")),
-                _fmt(_median(samples, "client_core_busy_pct")),
-                _fmt(_median(samples, "other_busy_pct")),
-                _fmt(_median(samples, "p50_us")),
-                _fmt(_median(samples, "p99_us")),
-                _ok_runs(samples),
-            ])  # fmt: skip
+            rows.append(_rate_row(result, server, samples, ratio_text, churn))
     columns = CHURN_COLUMNS if churn else MEMORY_COLUMNS if memory else THROUGHPUT_COLUMNS
     return columns, rows
 
 
-def _churn_row(result: dict[str, Any], server: str, samples: list[dict[str, Any]],
-               ratio_text: str) -> list[str]:  # fmt: skip
-    return [
-        server,
-        _fmt_spread(spread(samples, "msgs_per_s")),
+def _rate_row(result: dict[str, Any], server: str, samples: list[dict[str, Any]],
+              ratio_text: str, churn: bool) -> list[str]:
+    """A row of THROUGHPUT_COLUMNS, or of CHURN_COLUMNS (a connection is the unit: no
+    MiB/s, and the store's CPU and share stored for hand-over)."""
+    row = [server, _fmt_spread(spread(samples, "msgs_per_s"))]
+    if not churn:
+        row.append(_fmt(_median(samples, "mib_per_s"), 1))
+    row += [
         ratio_text,
         _fmt_spread(spread(samples, "server_cpu_us_per_msg"), 2),
         _ratio_text(ratio_to_baseline(result, server, "server_cpu_us_per_msg")),
         _fmt(_median(samples, "server_user_us_per_msg"), 2),
-        _fmt(_median(samples, "helper_cpu_us_per_msg"), 2),
-        _fmt(_median(samples, "stored_pct")),
+    ]
+    if churn:
+        row += [_fmt(_median(samples, "helper_cpu_us_per_msg"), 2),
+                _fmt(_median(samples, "stored_pct"))]
+    return row + [
         _fmt(_median(samples, "server_core_busy_pct")),
         _fmt(_median(samples, "client_cpu_pct")),
         _fmt(_median(samples, "client_core_busy_pct")),
