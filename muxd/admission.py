@@ -99,7 +99,7 @@ class Admission:
             shared.counters.accepted += 1
             tally.accepted += 1
             if len(conns) >= config.max_connections:
-                self._refuse(sock, f"max_connections ({config.max_connections}) reached",
+                self._refuse(sock, f"[limits] max_connections ({config.max_connections}) reached",
                              tally, "max_connections")
                 continue
             if header_wait is not None:
@@ -111,8 +111,8 @@ class Admission:
                 if group is False:
                     continue
             if fd >= fd_limit:
-                self._refuse(sock, f"the {poller.name} backend cannot watch fd {fd} "
-                                   f"(limit {fd_limit}; use epoll or poll to hold more)",
+                self._refuse(sock, f"the {poller.name} backend cannot watch fd {fd} (limit "
+                                   f"{fd_limit}; [server] backend = epoll or poll holds more)",
                              tally, "cannot_watch")
                 continue
             try:
@@ -160,8 +160,8 @@ class Admission:
         if shared.per_client.get(group, 0) >= limit:
             what = str(address) if address.version == 4 else \
                 f"{address}/{config.ipv6_prefix} (grouped)"
-            self._refuse(sock, f"max_connections_per_ip ({limit}) reached for {what}", tally,
-                         "max_connections_per_ip")
+            self._refuse(sock, f"[limits] max_connections_per_ip ({limit}) reached for {what}",
+                         tally, "max_connections_per_ip")
             return False
         return group
 

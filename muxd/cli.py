@@ -35,7 +35,7 @@ EX_CANTCREAT = 73
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="muxd",
-        description="TCP echo daemon (RFC 862) on an epoll/poll/select event loop.",
+        description="TCP and UDP echo daemon (RFC 862) on an epoll/poll/select event loop.",
     )
     parser.add_argument(
         "-c", "--config", metavar="PATH",
@@ -180,7 +180,8 @@ def _handover_setup(config: Config, workers: bool) -> _HandoverSetup:
     notify_socket = os.environ.get("NOTIFY_SOCKET", "")
     capacity = store_capacity() if notify_socket else 0
     if config.handover and capacity > 0 and workers:
-        logger.warning("hand-over is off with workers > 1: a restart closes every connection")
+        logger.warning("[server] handover is off with [server] workers > 1: a restart closes every "
+                       "connection")
     setup = _HandoverSetup(config.handover and capacity > 0 and not workers, notify_socket,
                            capacity)
     if setup.enabled:
@@ -196,11 +197,11 @@ def _take_stored(handover: _HandoverSetup, stored: list[tuple[int, str]]) -> Non
         connections = inheritance.connections + inheritance.waiting
         if connections:
             logger.warning("closed %d connection(s) handed over by the previous process: "
-                           "hand-over is off here", len(connections))
+                           "[server] handover is off here", len(connections))
         for item in connections:
             _release(item)
         for item in inheritance.own_listeners:
-            drop(item, "hand-over is off")
+            drop(item, "[server] handover is off")
         inheritance.connections.clear()
         inheritance.waiting.clear()
         inheritance.own_listeners.clear()
@@ -237,8 +238,8 @@ def _inherited_sockets(handover: _HandoverSetup
             endpoints.append(inherited_endpoint(sock, label))
         else:
             listeners.append(Listener(sock, f"{describe(sock)} ({label})"))
-    logger.info("socket activation: %d inherited socket(s); [server] listen and udp are not "
-                "used", len(inherited))
+    logger.info("socket activation: %d inherited socket(s); [server] listen and [server] udp "
+                "are not used", len(inherited))
     return listeners, endpoints
 
 

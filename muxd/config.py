@@ -285,10 +285,15 @@ def _rate(text: str) -> float:
 
 def _seconds(high: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        return _parse_decimal(text, 0, high, f"a number of seconds from 0 to {high:g} "
+        return _parse_decimal(text, 0, high, f"a number of seconds from 0 to {_plain(high)} "
                               "(0 = never)")
 
     return parse
+
+
+def _plain(number: float) -> str:
+    """A bound as the operator writes it: 31536000, not 3.1536e+07."""
+    return str(int(number)) if number == int(number) else str(number)
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -415,7 +420,7 @@ def parse_config_text(text: str, source: str) -> Config:
         # Without it anyone could claim any client address (proxy_protocol.py).
         raise ConfigError(
             source, "expected the addresses or CIDR blocks of the load balancers allowed to "
-            "send PROXY protocol headers; it is required when proxy_protocol = yes",
+            "send PROXY protocol headers; it is required when [server] proxy_protocol = yes",
             "server", "proxy_from", parser.get("server", "proxy_from", fallback=None))
     return Config(**values)
 
@@ -482,3 +487,23 @@ def changed_fields(old: Config, new: Config) -> list[str]:
     return [f.name for f in fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
 
 
+def key_name(field_name: str) -> str:
+    """A Config field as the operator writes it in the file: ``[section] key``."""
+    for (section, key), (name, _) in SCHEMA.items():
+        if name == field_name:
+            return f"[{section}] {key}"
+    return field_name
+
+
+def describe_changes(applied: list[str], needs_restart: list[str] | None = None) -> str:
+    """What a reload did, in the file's words: the keys it applied and those
+    that changed but wait for a restart (never "nothing changed" for those)."""
+    parts = []
+    if applied:
+        parts.append(", ".join(map(key_name, applied)) + " changed")
+    if needs_restart:
+        parts.append(("nothing applied now; " if not applied else "")
+                     + ", ".join(map(key_name, needs_restart))
+                     + " changed and take" + ("s" if len(needs_restart) == 1 else "")
+                     + " effect only after a restart")
+    return "; ".join(parts) or "nothing changed"

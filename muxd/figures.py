@@ -48,8 +48,8 @@ _UDP_REASONS = {
     "broadcast, multicast or unspecified source": "bad_source",
     "source is this very socket": "self",
     "denied by [access]": "access",
-    "over udp_rate for its source": "rate",
-    "over udp_total_rate": "total_rate",
+    "over [limits] udp_rate for its source": "rate",
+    "over [limits] udp_total_rate": "total_rate",
 }
 # The label values metrics.py declares are exactly what is counted here.
 assert set(_UDP_REASONS.values()) | {"send_failed"} == set(UDP_DROP_REASONS)

@@ -644,6 +644,8 @@ def describe_takeover(adopted: list[Connection], listeners: int,
     else:
         origin = "without hand-over state (after a crash: echo held in memory is lost)"
     also = f" ({waiting} still waiting for a PROXY header)" if waiting else ""
+    if state is not None and not adopted and not waiting:  # an idle restart: no news
+        return f"no connection to take over from PID {state.pid} (muxd {state.version})"
     return (f"took over {len(adopted) + waiting} connections{also} and {listeners} listeners "
             f"{origin}")
 

@@ -95,11 +95,12 @@ class HeaderWait:
         tally = shared.tallies[listener.fd]
         if not self._trusted(peer):
             host = peer[0] if isinstance(peer, tuple) and peer else "a non-IP peer"
-            self._refuse(sock, tally, "proxy_from", f"{host} is not in proxy_from")
+            self._refuse(sock, tally, "proxy_from", f"{host} is not in [server] proxy_from")
             return
         if len(shared.conns) + len(self.waiting) >= config.max_connections:
             self._refuse(sock, tally, "max_connections",
-                         f"max_connections ({config.max_connections}) reached", Close.LIMIT)
+                         f"[limits] max_connections ({config.max_connections}) reached",
+                         Close.LIMIT)
             return
         fd = sock.fileno()
         try:
@@ -130,7 +131,7 @@ class HeaderWait:
             peer = None
         if not self._trusted(peer):
             host = peer[0] if isinstance(peer, tuple) and peer else "a non-IP peer"
-            self._refuse(sock, tally, "proxy_from", f"{host} is not in proxy_from")
+            self._refuse(sock, tally, "proxy_from", f"{host} is not in [server] proxy_from")
             return False
         try:
             reader = HeaderReader.resume(header, taken)

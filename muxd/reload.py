@@ -20,7 +20,14 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from muxd.access import AccessPolicy, client_address, client_group
-from muxd.config import RESTART_ONLY_FIELDS, ConfigError, changed_fields, load_config
+from muxd.config import (
+    RESTART_ONLY_FIELDS,
+    ConfigError,
+    changed_fields,
+    describe_changes,
+    key_name,
+    load_config,
+)
 from muxd.logs import set_level
 from muxd.report import status
 from muxd.resources import raise_nofile
@@ -57,7 +64,7 @@ class Reload:
         needs_restart = [name for name in RESTART_ONLY_FIELDS if name in changed]
         if needs_restart:
             logger.warning("reload: %s changed in %s; that takes effect only after a restart",
-                           ", ".join(needs_restart), new.source)
+                           ", ".join(map(key_name, needs_restart)), new.source)
             new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
         shared.config = new
         self.results["success"] += 1
@@ -73,8 +80,7 @@ class Reload:
         if new.idle_timeout != old.idle_timeout:
             self._idle_timeout_changed()
         applied = [name for name in changed_fields(old, new) if name != "source"]
-        logger.info("reloaded %s: %s", new.source,
-                    ", ".join(applied) + " changed" if applied else "nothing changed")
+        logger.info("reloaded %s: %s", new.source, describe_changes(applied, needs_restart))
         shared.notifier.ready(status(shared))
 
     def _regroup_clients(self) -> None:

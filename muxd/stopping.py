@@ -175,8 +175,9 @@ class Stopping:
     def _deadline(self) -> None:
         shared = self.shared
         if shared.conns:
-            logger.warning("shutdown_timeout reached: closing %d connection(s) with echo "
-                           "still unsent", len(shared.conns))
+            logger.warning("[limits] shutdown_timeout (%gs) reached: closing %d connection(s) "
+                           "with echo still unsent", shared.config.shutdown_timeout,
+                           len(shared.conns))
         shared.close_all()
 
 

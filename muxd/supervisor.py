@@ -34,7 +34,15 @@ import time
 from dataclasses import dataclass, replace
 
 from muxd.access import AccessPolicy
-from muxd.config import RESTART_ONLY_FIELDS, Config, ConfigError, changed_fields, load_config
+from muxd.config import (
+    RESTART_ONLY_FIELDS,
+    Config,
+    ConfigError,
+    changed_fields,
+    describe_changes,
+    key_name,
+    load_config,
+)
 from muxd.logs import set_level
 from muxd.notify import Notifier, watchdog_interval
 from muxd.pollers import READ, create_poller
@@ -277,10 +285,11 @@ class Supervisor:
             # field keeps its running value everywhere, so a worker replaced
             # later binds what the others serve.
             logger.warning("reload: %s changed in %s; that takes effect only after a restart",
-                           ", ".join(needs_restart), new.source)
+                           ", ".join(map(key_name, needs_restart)), new.source)
             new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
+        applied = [name for name in changed_fields(old, new) if name != "source"]
         logger.info("supervisor: reloading %s in every worker (%s)", new.source,
-                    ", ".join(changed_fields(self.config, new)) or "nothing changed")
+                    describe_changes(applied, needs_restart))
         self.config = new
         if self.metrics is not None:
             self.metrics.reload_succeeded()

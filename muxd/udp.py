@@ -85,9 +85,9 @@ class UdpGuard:
         if self.access.active and not self.access.permits(address):
             return "denied by [access]"
         if self.per_source is not None and not self.per_source.allow(address, now):
-            return "over udp_rate for its source"
+            return "over [limits] udp_rate for its source"
         if self.total is not None and not self.total.allow(None, now):
-            return "over udp_total_rate"
+            return "over [limits] udp_total_rate"
         return None
 
     def _is_own(self, address: IPAddress, port: int, destination: str) -> bool:

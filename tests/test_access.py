@@ -103,7 +103,7 @@ def test_max_connections_per_ip_counts_each_ipv4_client(start_muxd) -> None:
     held = [_held_connection(port, "127.0.0.1") for _ in range(2)]
     assert attempt(port, "127.0.0.1") == "closed"
     assert attempt(port, "127.0.0.2") == "echo"
-    daemon.wait_log("max_connections_per_ip (2) reached for 127.0.0.1")
+    daemon.wait_log("[limits] max_connections_per_ip (2) reached for 127.0.0.1")
     held.pop().close()  # a freed slot is counted back
     wait_until(lambda: attempt(port, "127.0.0.1") == "echo", what="the freed slot")
     for sock in held:

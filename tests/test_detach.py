@@ -160,7 +160,7 @@ def test_a_relative_config_path_still_reloads_after_detaching(tmp_path) -> None:
         wait_until(lambda: "reloaded" in log.read_text() or "reload failed" in log.read_text(),
                    what="the reload to be logged")
         assert "reload failed" not in log.read_text(), log.read_text()
-        assert f"reloaded {tmp_path / 'rel.ini'}: idle_timeout changed" in log.read_text()
+        assert f"reloaded {tmp_path / 'rel.ini'}: [limits] idle_timeout changed" in log.read_text()
     finally:
         os.kill(pid, signal.SIGKILL)
 

@@ -147,7 +147,7 @@ def test_max_connections_refuses_the_extra_one_and_serves_the_rest(start_muxd, b
     assert sees_connection_end(extra, timeout=5), "the 4th connection was not closed"
     for sock in held:
         assert echo_once(sock, b"ok") == b"ok"
-    daemon.wait_log("max_connections (3) reached")
+    daemon.wait_log("[limits] max_connections (3) reached")
     held[0].close()
     wait_until(lambda: _echoes(port), what="a free slot to be served again")
     for sock in held[1:]:

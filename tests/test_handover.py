@@ -42,6 +42,19 @@ from test_proxy_protocol_daemon import (
 from muxd.handover import STATE_MAGIC, decode_state
 
 
+def test_an_idle_restart_says_there_was_nothing_to_take_over(pid1, start_muxd, tmp_path) -> None:
+    # Not "took over 0 connections and 1 listeners ... 0 KiB of pending echo" at every
+    # restart of an idle muxd: one short line naming the previous process.
+    port = free_port()
+    unit = Unit(pid1, start_muxd, server_config(port), tmp_path)
+    first = unit.daemon
+    second = unit.restart()
+    second.wait_log(f"no connection to take over from PID {first.pid} (muxd ")
+    assert "took over" not in second.log, second.log
+    with connect(port) as fresh:
+        assert echo_once(fresh, b"served") == b"served"
+
+
 def test_restart_keeps_every_connection_with_its_pending_echo_and_half_close(
         pid1, start_muxd, tmp_path) -> None:
     port = free_port()

@@ -117,7 +117,7 @@ def test_shutdown_timeout_closes_a_reader_that_never_reads(start_muxd) -> None:
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
     assert time.monotonic() - started < 5
-    daemon.wait_log("shutdown_timeout reached")
+    daemon.wait_log("[limits] shutdown_timeout (0.5s) reached")
     hog.close()
 
 
@@ -126,13 +126,15 @@ def test_reload_applies_idle_timeout_to_open_connections(start_muxd) -> None:
     daemon = start_muxd(server_config(port, idle_timeout=300))
     idle = connect(port)
     assert echo_once(idle, b"x") == b"x"
-    daemon.write_config(server_config(port, idle_timeout=0.5))
+    daemon.write_config(server_config(port, idle_timeout=0.5) + "[logging]\nconnections = yes\n")
     daemon.signal(signal.SIGHUP)
     reloading = daemon.notify.wait_for("RELOADING", "1")
     assert int(reloading["MONOTONIC_USEC"]) > 0
     daemon.notify.wait_for("READY", "1")
     assert sees_connection_end(idle, timeout=5), "reloaded idle_timeout was not applied"
-    daemon.wait_log("idle_timeout changed")
+    # In the file's words, not the code's (idle_timeout, log_connections).
+    daemon.wait_log(f"reloaded {daemon.config_path}: [limits] idle_timeout, [logging] connections "
+                    "changed")
     idle.close()
 
 
@@ -159,7 +161,12 @@ def test_reload_of_listen_says_restart_needed(start_muxd) -> None:
     daemon.write_config(server_config(free_port()))
     daemon.signal(signal.SIGHUP)
     daemon.notify.wait_for("READY", "1")
-    daemon.wait_log("listen changed")
+    daemon.wait_log(f"reload: [server] listen changed in {daemon.config_path}; that takes effect "
+                    "only after a restart")
+    # The summary line says so too, instead of "nothing changed".
+    daemon.wait_log(f"reloaded {daemon.config_path}: nothing applied now; [server] listen "
+                    "changed and takes effect only after a restart")
+    assert "nothing changed" not in daemon.log
     with connect(port) as sock:
         assert echo_once(sock, b"same port") == b"same port"
 
@@ -215,11 +222,34 @@ def test_raises_soft_nofile_from_systemds_1024(start_muxd) -> None:
 
 def test_nofile_above_hard_limit_is_capped_with_a_warning(start_muxd) -> None:
     port = free_port()
-    daemon = start_muxd(server_config(port, nofile=65536), nofile=(1024, 2048))
+    daemon = start_muxd(server_config(port, nofile=65536), nofile=(1024, 2048),
+                        env={"INVOCATION_ID": ""})
     limits = Path(f"/proc/{daemon.pid}/limits").read_text()
     line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
     assert line.split()[3:5] == ["2048", "2048"], line
-    daemon.wait_log("below nofile = 65536")
+    daemon.wait_log("RLIMIT_NOFILE: [limits] nofile asks for 65536 open files but the hard limit "
+                    "is 2048, which muxd cannot raise: it is the hard limit of whatever started "
+                    "muxd (ulimit -Hn")
+    daemon.wait_log("; serving with at most 2048")
+
+
+@pytest.mark.parametrize("started_with", [(2048, 2048), (1024, 2048)])
+def test_nofile_warning_under_systemd_says_where_the_hard_limit_comes_from(
+        start_muxd, started_with) -> None:
+    # systemd's LimitNOFILE=N sets soft and hard to N, lowered to systemd's own hard limit
+    # when that is lower (a container, PAM): advising LimitNOFILE= then is no help. Its
+    # default (no LimitNOFILE=) leaves the soft limit at 1024, below the hard one.
+    port = free_port()
+    daemon = start_muxd(server_config(port, nofile=65536), nofile=started_with,
+                        env={"INVOCATION_ID": "0123456789abcdef0123456789abcdef"})
+    daemon.wait_log("; serving with at most 2048")
+    unit_sets_it = "the unit's LimitNOFILE= set it, to its own value or, if that is higher, to " \
+        "systemd's own hard limit (in a container, or set by PAM)"
+    unit_lacks_it = "the unit sets no LimitNOFILE="
+    if started_with[0] == started_with[1]:
+        assert unit_sets_it in daemon.log and unit_lacks_it not in daemon.log, daemon.log
+    else:
+        assert unit_lacks_it in daemon.log and unit_sets_it not in daemon.log, daemon.log
 
 
 def test_never_lowers_a_higher_soft_limit(start_muxd) -> None:

@@ -250,7 +250,7 @@ def test_a_connection_from_outside_proxy_from_is_refused_at_once(proxied) -> Non
         assert sees_connection_end(sock, timeout=HEADER_TIMEOUT / 2)
         assert time.monotonic() - began < 1.0
     assert not served(port, v1("198.51.100.1"), source=OUTSIDER)
-    daemon.wait_log(f"refused a connection: {OUTSIDER} is not in proxy_from")
+    daemon.wait_log(f"refused a connection: {OUTSIDER} is not in [server] proxy_from")
     assert read_counters(daemon)["proxy"] == 2
     assert echo_once(other, b"still served") == b"still served"
     other.close()
@@ -348,7 +348,7 @@ def test_reload_applies_proxy_from_at_once_and_proxy_protocol_needs_a_restart(
                         .replace("proxy_protocol = yes", "proxy_protocol = no"))
     daemon.signal(signal.SIGHUP)
     daemon.notify.wait_for("READY", "1")
-    daemon.wait_log("proxy_protocol changed")
+    daemon.wait_log("reload: [server] proxy_protocol changed")
     assert "takes effect only after a restart" in daemon.log
     assert served(port, v2("198.51.100.3"), source="127.0.0.2")
     assert not served(port, b"", b"plain client\n", source="127.0.0.2")
@@ -381,7 +381,7 @@ def test_connections_waiting_for_a_header_count_towards_max_connections(start_mu
     silent = [connect_from(port) for _ in range(2)]
     with connect_from(port) as sock:
         assert sees_connection_end(sock, timeout=HEADER_TIMEOUT / 2)
-    daemon.wait_log("refused a connection: max_connections (3) reached")
+    daemon.wait_log("refused a connection: [limits] max_connections (3) reached")
     for sock in silent:
         sock.close()
     wait_until(lambda: served(port, v1("198.51.100.2")), what="room once they are gone")

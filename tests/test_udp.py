@@ -105,7 +105,7 @@ def test_a_flood_from_one_address_is_cut_to_the_rate(start_muxd) -> None:
     except TimeoutError:
         pass
     assert 50 <= answered <= 50 + 50 * (elapsed + 0.6) + 1, (answered, elapsed)
-    daemon.wait_log("over udp_rate for its source")
+    daemon.wait_log("over [limits] udp_rate for its source")
     assert daemon.log.count("over udp_rate") <= 2, "one log line per dropped datagram"
     flooder.close()
     other.close()

@@ -242,7 +242,7 @@ def test_reload_of_listen_is_refused_in_supervisor_and_workers_alike(start_muxd)
     ready = daemon.notify.wait_for("READY", "1")
     assert f"127.0.0.1:{port}" in ready["STATUS"] and str(other) not in ready["STATUS"]
     daemon.wait_log("supervisor: reloading")
-    assert "listen changed" in daemon.log.split("supervisor: reloading")[0].split(
+    assert "[server] listen changed" in daemon.log.split("supervisor: reloading")[0].split(
         "reload: ")[-1], daemon.log
     victim = sorted(children(daemon.pid))[0]
     os.kill(victim, signal.SIGKILL)
