@@ -180,11 +180,12 @@ def debian_packages(
     source_tree: Path, newer_tree: NewerTree, tmp_path_factory: pytest.TempPathFactory
 ) -> DebianPackages:
     """packaging/build-deb.sh run once per session on the host, lintian included, plus a
-    build of the newer tree (a newer changelog entry and __version__) to upgrade to."""
+    build of the same tree as the newer version to upgrade to, the way an operator makes
+    one (`build-deb.sh --version`: a changelog entry and __version__ in the build's copy)."""
     require_prerequisites(DEB_BUILD_TOOLS)
     outdir = tmp_path_factory.mktemp("debs")
     build_deb(source_tree, outdir)
-    build_deb(newer_tree.path, outdir, "--no-lintian")
+    build_deb(source_tree, outdir, "--no-lintian", "--version", newer_tree.version)
     return DebianPackages(outdir, newer_tree.old_version, newer_tree.version)
 
 
