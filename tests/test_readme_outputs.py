@@ -160,3 +160,20 @@ def test_quoted_takeover_lines_are_what_a_restart_logs(pid1, start_muxd, tmp_pat
             f"README says:\n  {quote}\nmuxd said:\n  " + "\n  ".join(logged)
     talker.close()
     slow.close()
+
+
+DEBIAN_PROMETHEUS_YML = Path("/etc/prometheus/prometheus.yml")  # the prometheus package's
+
+
+@pytest.mark.skipif(not DEBIAN_PROMETHEUS_YML.is_file() or not Path("/usr/bin/promtool").exists(),
+                    reason="Debian's prometheus package is not installed")
+def test_the_prometheus_job_pastes_into_debians_prometheus_yml(tmp_path: Path) -> None:
+    """README's snippet, pasted at the end of Debian's prometheus.yml as it says, is a
+    valid configuration (a whole `scrape_configs:` block there would be a duplicate key)."""
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)
+    snippet = next(block for block in blocks if "job_name: muxd" in block)
+    pasted = tmp_path / "prometheus.yml"
+    pasted.write_text(DEBIAN_PROMETHEUS_YML.read_text().rstrip("\n") + "\n" + snippet)
+    result = subprocess.run(["/usr/bin/promtool", "check", "config", str(pasted)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
