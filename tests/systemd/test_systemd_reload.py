@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import pytest
 from nspawn import (
@@ -18,6 +20,27 @@ from nspawn import (
 pytestmark = pytest.mark.systemd
 
 BROKEN = "[limits]\nidle_timeout = forever\n"
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_failed_reload() -> tuple[list[str], list[str]]:
+    """README's failed reload ("Configure and reload"): what `systemctl reload` prints, and
+    the lines it quotes from `systemctl status` (after its `...`)."""
+    block = re.search(r"\n    \$ sudo systemctl reload muxd\n(.*?)\n    \$ systemctl status muxd\n"
+                      r"    \.\.\.\n(.*?)\n\n", README.read_text(), re.S)
+    assert block, "README's failed reload example is gone"
+    return ([line.strip() for line in block[1].splitlines()],
+            [line.strip() for line in block[2].splitlines()])
+
+
+def assert_readme_quotes(reload_stderr: str, status: str) -> None:
+    """Every line README quotes is there, word for word (its PIDs as wildcards)."""
+    said, shown = readme_failed_reload()
+    for line in said:
+        assert line in reload_stderr.splitlines(), f"README: {line!r}\nreal:\n{reload_stderr}"
+    for line in shown:
+        pattern = re.escape(line).replace(r"muxd\[166\]", r"muxd\[[0-9]+\]")
+        assert re.search(rf" {pattern}$", status, re.M), f"README: {line!r}\nreal:\n{status}"
 
 
 def reload_and_wait(container: Container) -> None:
@@ -62,7 +85,7 @@ def test_broken_config_on_sighup_is_logged_and_old_one_kept(muxd: Container) -> 
         assert echo_roundtrip(sock, b"old config still serves\n") == b"old config still serves\n"
 
 
-def assert_failed_reload_says_why(container: Container, pid: int) -> None:
+def assert_failed_reload_says_why(container: Container, pid: int) -> tuple[str, str]:
     result = container.run(["systemctl", "reload", "muxd"], check=False, timeout=20)
     assert result.returncode != 0, "systemctl reload accepted a broken config"
     assert "Job for muxd.service failed" in result.stderr, result.stderr
@@ -75,14 +98,29 @@ def assert_failed_reload_says_why(container: Container, pid: int) -> None:
     assert container.main_pid() == pid
     with connected(container) as sock:
         assert echo_roundtrip(sock, b"still serving\n") == b"still serving\n"
+    return result.stderr, status
 
 
 def test_reload_of_a_broken_config_fails_and_says_why(muxd: Container) -> None:
     muxd.systemctl("start", "muxd")
     pid = muxd.main_pid()
+    # A good reload first, as an operator's day goes: its ExecReload= lines stay in
+    # `systemctl status` (README says which they are).
+    edit_ini(muxd, {("limits", "idle_timeout"): "60"})
+    reload_and_wait(muxd)
     mark = muxd.journal_mark()
     muxd.write_file(MUXD_CONFIG, BROKEN)
-    assert_failed_reload_says_why(muxd, pid)
+    stderr, status = assert_failed_reload_says_why(muxd, pid)
+    assert_readme_quotes(stderr, status)
+    # The failed check, and the previous reload's signal (this one never got that far), as
+    # README says: the SUCCESS line is the older process.
+    check = re.search(r"Process: ([0-9]+) ExecReload=\S+ --config \S+ --check-config "
+                      r"\(code=exited, status=78\)", status)
+    previous = re.search(r"Process: ([0-9]+) ExecReload=/bin/kill -HUP \$MAINPID "
+                         r"\(code=exited, status=0/SUCCESS\)", status)
+    assert check and previous and int(previous[1]) < int(check[1]), status
+    assert "ExecReload=/bin/kill -HUP $MAINPID (code=exited, status=0/SUCCESS)" in \
+        README.read_text()
     # ExecReload's check came first: the daemon was never asked to load the file.
     main = [e for e in muxd.journal("-u", "muxd", after=mark) if e.get("_PID") == str(pid)]
     assert not main, [e["MESSAGE"] for e in main]
