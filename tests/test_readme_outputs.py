@@ -177,3 +177,9 @@ def test_the_prometheus_job_pastes_into_debians_prometheus_yml(tmp_path: Path) -
     result = subprocess.run(["/usr/bin/promtool", "check", "config", str(pasted)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_help_says_what_muxd_serves() -> None:
+    result = subprocess.run([sys.executable, "-m", "muxd", "--help"], capture_output=True,
+                            text=True, timeout=30, check=True)
+    assert "TCP and UDP echo daemon (RFC 862)" in " ".join(result.stdout.split())
