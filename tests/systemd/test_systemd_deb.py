@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from conftest import DebianPackages
@@ -130,6 +131,18 @@ def test_install_enables_starts_and_documents_muxd(
     assert_serving(deb, b"hello from the package\n")
     assert deb.run(["muxd", "--version"]).stdout.strip() == f"muxd {debian_packages.version}"
     assert deb.run(["sh", "-c", "command -v muxd"]).stdout.strip() == "/usr/sbin/muxd"
+
+    # README: what apt pulls in, and where the units are (the build host's debhelper decides:
+    # /lib/systemd/system on Debian 12, /usr/lib/systemd/system on 13).
+    depends = deb.run(["dpkg-query", "-W", "-f=${Depends}", "muxd"]).stdout
+    assert {d.strip() for d in depends.split(",")} == {
+        "python3-daemon", "python3-h11", "python3-sdnotify", "python3:any"}, depends
+    for pulled in ("python3-daemon", "python3-h11", "python3-sdnotify", "python3-lockfile"):
+        assert deb.run(["dpkg-query", "-W", "-f=${Status}", pulled]).stdout == \
+            "install ok installed", pulled
+    built_on = Path("/etc/debian_version").read_text().split(".")[0]
+    units = "/lib/systemd/system" if built_on == "12" else "/usr/lib/systemd/system"
+    assert f"{units}/muxd.service" in deb.run(["dpkg", "-L", "muxd"]).stdout.splitlines()
 
     conffiles = deb.run(["dpkg-query", "-W", "-f=${Conffiles}", "muxd"]).stdout
     assert MUXD_CONFIG in conffiles
