@@ -39,7 +39,7 @@ def raise_nofile(wanted: int) -> int:
             soft = target
         except (ValueError, OSError) as err:
             logger.warning("cannot raise RLIMIT_NOFILE to %d: %s", target, err)
-    if wanted > soft:
+    if wanted > soft and hard != resource.RLIM_INFINITY and hard < wanted:
         logger.warning("RLIMIT_NOFILE: [limits] nofile asks for %d open files but the hard "
                        "limit is %s, which muxd cannot raise: %s; serving with at most %d",
                        wanted, _limit(hard), _hard_limit_origin(*_started_with), soft)
