@@ -74,7 +74,9 @@ if [[ -n $wanted ]]; then
     if [[ $wanted != "$changelog_version" ]]; then
         # Signed like the entry before it unless DEBFULLNAME/DEBEMAIL say otherwise, as dch does.
         maintainer=$(dpkg-parsechangelog -l "$src/debian/changelog" -S Maintainer)
-        if [[ -n ${DEBEMAIL:-} ]]; then
+        if [[ ${DEBEMAIL:-} == *'<'* ]]; then
+            maintainer=$DEBEMAIL  # "Name <address>", which dch takes too
+        elif [[ -n ${DEBEMAIL:-} ]]; then
             maintainer="${DEBFULLNAME:-${maintainer% <*}} <$DEBEMAIL>"
         fi
         { printf 'muxd (%s) unstable; urgency=medium\n\n' "$wanted"
