@@ -36,23 +36,15 @@ from muxd.metrics import (
 from muxd.metrics_http import MetricsEndpoint, Reply
 from muxd.pollers import READ
 from muxd.state import Shared
+from muxd.udp import DROP_LABELS
 
 if TYPE_CHECKING:
     from muxd.reload import Reload  # read only: its results and last success
 
 logger = logging.getLogger("muxd")
 
-# The UDP guard's reasons (udp.py), as label values.
-_UDP_REASONS = {
-    "source port below 1024": "source_port",
-    "broadcast, multicast or unspecified source": "bad_source",
-    "source is this very socket": "self",
-    "denied by [access]": "access",
-    "over [limits] udp_rate for its source": "rate",
-    "over [limits] udp_total_rate": "total_rate",
-}
 # The label values metrics.py declares are exactly what is counted here.
-assert set(_UDP_REASONS.values()) | {"send_failed"} == set(UDP_DROP_REASONS)
+assert set(DROP_LABELS.values()) | {"send_failed"} == set(UDP_DROP_REASONS)
 assert set(CLOSE_REASONS) == {reason.name.lower() for reason in Close}
 
 
@@ -79,7 +71,7 @@ def gather(shared: Shared) -> Figures:
     udp_guard = shared.udp_guard
     figures.udp_echoed = udp_guard.echoed
     for reason, count in udp_guard.dropped.items():
-        label = _UDP_REASONS.get(reason, "send_failed")
+        label = DROP_LABELS.get(reason, "send_failed")
         figures.udp_dropped[label] = figures.udp_dropped.get(label, 0) + count
     return figures
 

@@ -42,6 +42,24 @@ _ANCILLARY_SIZE = socket.CMSG_SPACE(20)  # room for in6_pktinfo (the larger of t
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
+# Why the guard refuses a datagram: the words logged, and (DROP_LABELS) the
+# reason label of muxd_udp_datagrams_dropped_total. One table, so the two cannot
+# drift apart (they once did: "self" drops were counted as send_failed).
+LOW_PORT = "source port below 1024"
+BAD_SOURCE = "broadcast, multicast or unspecified source"
+OWN_ENDPOINT = "source is one of muxd's own endpoints"
+DENIED = "denied by [access]"
+OVER_RATE = "over [limits] udp_rate for its source"
+OVER_TOTAL_RATE = "over [limits] udp_total_rate"
+DROP_LABELS = {
+    LOW_PORT: "source_port",
+    BAD_SOURCE: "bad_source",
+    OWN_ENDPOINT: "self",
+    DENIED: "access",
+    OVER_RATE: "rate",
+    OVER_TOTAL_RATE: "total_rate",
+}
+
 class UdpGuard:
     """Decides, per datagram, whether to echo it; counts what it drops."""
 
@@ -76,18 +94,18 @@ class UdpGuard:
     def refusal(self, host: str, port: int, local: tuple[str, int], now: float) -> str | None:
         """Why this datagram must not be echoed, or None to echo it."""
         if port < 1024:
-            return "source port below 1024"
+            return LOW_PORT
         address = client_address(host)
         if address.is_multicast or address.is_unspecified or address == _BROADCAST:
-            return "broadcast, multicast or unspecified source"
+            return BAD_SOURCE
         if port in self._own_ports and self._is_own(address, port, local[0]):
-            return "source is one of muxd's own endpoints"
+            return OWN_ENDPOINT
         if self.access.active and not self.access.permits(address):
-            return "denied by [access]"
+            return DENIED
         if self.per_source is not None and not self.per_source.allow(address, now):
-            return "over [limits] udp_rate for its source"
+            return OVER_RATE
         if self.total is not None and not self.total.allow(None, now):
-            return "over [limits] udp_total_rate"
+            return OVER_TOTAL_RATE
         return None
 
     def _is_own(self, address: IPAddress, port: int, destination: str) -> bool:

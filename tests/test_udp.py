@@ -133,9 +133,10 @@ def test_a_spoofed_datagram_between_two_own_endpoints_does_not_loop(start_muxd, 
     # echoed it to A, for ever (issue 9, item 11). Every own endpoint is a source
     # to refuse, not only the one receiving; a wildcard one answers from any local
     # address.
-    a_port, b_port = free_udp_port(), free_udp_port()
+    a_port, b_port, metrics_port = free_udp_port(), free_udp_port(), free_port()
     daemon = start_muxd(udp_config(free_port(), f"127.0.0.1:{a_port}, {b_host}:{b_port}",
-                                   udp_rate=0))
+                                   udp_rate=0)
+                        + f"[metrics]\nlisten = 127.0.0.1:{metrics_port}\n")
     spoofer = udp_client("127.0.0.1", b_port)  # shares B's address and port (SO_REUSEADDR)
     daemon.signal(signal.SIGSTOP)  # so that A's answer cannot reach the spoofer instead of B
     try:
@@ -149,6 +150,12 @@ def test_a_spoofed_datagram_between_two_own_endpoints_does_not_loop(start_muxd, 
         dump_counters(daemon)), what="the spoofed datagram to be handled")
     assert "0 echoed, 1 dropped (source is one of muxd's own endpoints 1)" in first, first
     assert "0 echoed, 1 dropped" in dump_counters(daemon)  # and it stays so
+    # Counted under its own reason, not as a failed send (they once drifted apart).
+    from metrics_harness import read_metrics, total
+
+    samples = read_metrics(metrics_port)
+    assert total(samples, "muxd_udp_datagrams_dropped_total", reason="self") == 1, samples
+    assert total(samples, "muxd_udp_datagrams_dropped_total") == 1, samples
 
 
 def test_udp_is_off_by_default(start_muxd) -> None:
