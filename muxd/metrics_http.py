@@ -4,8 +4,9 @@ that owns it (the event loop, or the supervisor's), with no thread.
 This module owns the metrics listening sockets and its scrapers'
 connections, and touches nothing else: it registers, modifies and
 unregisters *its own* descriptors in the poller it is given, schedules its
-own timers on the timers it is given, reads the access policy through the
-getter it is given, and asks ``collect`` for the exposition text. The loop
+own timers on the timers it is given, reads the configuration through the
+getter it is given (who may scrape, how clients are told apart), and asks
+``collect`` for the exposition text. The loop
 that hosts it only hands it the events of its descriptors (``fds``, through
 ``on_event``) and calls ``close`` when it stops.
 
@@ -24,6 +25,10 @@ parse 400, and every answer says ``Connection: close``. Afterwards the
 write side is shut and the peer's input dropped until its EOF, because
 closing with unread input sends RST and could destroy the answer in
 flight (a pipelined second request is such input).
+
+Who may scrape is ``[metrics] allow`` when it is set, else ``[access]``
+(``AccessPolicy.for_metrics``), read again when a reload replaces the
+configuration; anyone else is closed at once, before anything is read.
 
 A slow or hostile scraper costs little and only for a while:
 
@@ -52,6 +57,7 @@ from collections.abc import Callable
 import h11
 
 from muxd.access import AccessPolicy, client_address
+from muxd.config import Config
 from muxd.metrics import CONTENT_TYPE
 from muxd.pollers import READ, WRITE, FdOutOfRange, Poller
 from muxd.timers import Timer, Timers
@@ -89,15 +95,18 @@ class _Scraper:
 class MetricsEndpoint:
     def __init__(self, sockets: list[socket.socket], poller: Poller, timers: Timers,
                  clock: Callable[[], float], collect: Callable[[Reply], None],
-                 access: Callable[[], AccessPolicy]) -> None:
-        """``clock`` is the host loop's monotonic reading for the current turn."""
+                 config: Callable[[], Config]) -> None:
+        """``clock`` is the host loop's monotonic reading for the current turn;
+        ``config`` the configuration in force (a reload replaces it)."""
         self.poller = poller
         self._timers = timers
         self._clock = clock
         self._accept_timer: Timer | None = None
         self._tick_timer: Timer | None = None
         self._collect = collect
-        self._access = access
+        self._config = config
+        self._gate_of: Config | None = None  # what _policy was read from
+        self._policy = AccessPolicy()
         self._listeners = {sock.fileno(): sock for sock in sockets}
         self._scrapers: dict[int, _Scraper] = {}
         self._ready: list[socket.socket] = []
@@ -186,6 +195,11 @@ class MetricsEndpoint:
 
     def _accept(self, listener: socket.socket) -> None:
         deadline = self._clock() + REQUEST_TIMEOUT
+        config = self._config()
+        if config is not self._gate_of:  # started, or reloaded: read once, not per accept
+            self._gate_of = config
+            self._policy = AccessPolicy.for_metrics(config)
+        policy = self._policy
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, peer = listener.accept()
@@ -206,7 +220,6 @@ class MetricsEndpoint:
                 self.refused["limit"] += 1
                 sock.close()
                 continue
-            policy = self._access()
             if policy.active and isinstance(peer, tuple) and peer and peer[0] \
                     and not policy.permits(client_address(peer[0])):
                 self.refused["access"] += 1
