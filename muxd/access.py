@@ -63,6 +63,16 @@ class AccessPolicy:
     def from_config(cls, config: Config) -> AccessPolicy:
         return cls(config.allow, config.deny)
 
+    @classmethod
+    def for_metrics(cls, config: Config) -> AccessPolicy:
+        """Who may scrape: ``[metrics] allow`` alone when it is set, else
+        ``[access]`` as for echo. Alone, so that the endpoint has a list of its
+        own: a public echo service keeps its metrics to its Prometheus, and a
+        Prometheus outside the echo clients' ``allow`` needs no hole in it."""
+        if config.metrics_allow:
+            return cls(config.metrics_allow)
+        return cls.from_config(config)
+
     @property
     def active(self) -> bool:
         return bool(self.allow or self.deny)

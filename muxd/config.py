@@ -136,6 +136,7 @@ class Config:
     allow: tuple[IPNetwork, ...] = ()
     deny: tuple[IPNetwork, ...] = ()
     metrics_listen: tuple[Address, ...] = ()
+    metrics_allow: tuple[IPNetwork, ...] = ()
     proxy_protocol: bool = False
     proxy_from: tuple[IPNetwork, ...] = ()
     source: str = BUILTIN_SOURCE
@@ -362,6 +363,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, Callable[[str], Any]]] = {
     ("logging", "level"): ("log_level", _choice("debug", "info", "warning", "error")),
     ("logging", "connections"): ("log_connections", _boolean),
     ("metrics", "listen"): ("metrics_listen", parse_optional_addresses),
+    ("metrics", "allow"): ("metrics_allow", parse_networks),
 }
 SECTIONS = tuple(dict.fromkeys(section for section, _ in SCHEMA))
 

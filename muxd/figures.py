@@ -87,7 +87,7 @@ class MetricsRoom:
         self._reload = reload
         self.endpoint = (MetricsEndpoint(list(sockets), shared.poller, shared.timers,
                                          lambda: shared.now, self._collect,
-                                         lambda: shared.access) if sockets else None)
+                                         lambda: shared.config) if sockets else None)
         self._channel = channel
         if channel is not None:
             channel.setblocking(False)

@@ -34,7 +34,7 @@ UDP_DROP_REASONS = ("source_port", "bad_source", "self", "access", "rate", "tota
                     "send_failed")
 RELOAD_RESULTS = ("success", "failure")
 METRICS_ANSWERS = ("200", "400", "404", "405")
-METRICS_REFUSALS = ("limit", "access", "timeout")
+METRICS_REFUSALS = ("limit", "access", "timeout", "evicted")
 # Why a connection is not in systemd's file descriptor store.
 UNSTORED_REASONS = ("store_full", "store_error")
 

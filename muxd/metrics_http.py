@@ -4,8 +4,9 @@ that owns it (the event loop, or the supervisor's), with no thread.
 This module owns the metrics listening sockets and its scrapers'
 connections, and touches nothing else: it registers, modifies and
 unregisters *its own* descriptors in the poller it is given, schedules its
-own timers on the timers it is given, reads the access policy through the
-getter it is given, and asks ``collect`` for the exposition text. The loop
+own timers on the timers it is given, reads the configuration through the
+getter it is given (who may scrape, how clients are told apart), and asks
+``collect`` for the exposition text. The loop
 that hosts it only hands it the events of its descriptors (``fds``, through
 ``on_event``) and calls ``close`` when it stops.
 
@@ -25,10 +26,47 @@ write side is shut and the peer's input dropped until its EOF, because
 closing with unread input sends RST and could destroy the answer in
 flight (a pipelined second request is such input).
 
+Who may scrape is ``[metrics] allow`` when it is set, else ``[access]``
+(``AccessPolicy.for_metrics``), read again when a reload replaces the
+configuration; anyone else is closed at once, before anything is read and
+before anyone is evicted for it.
+
+No one client can keep the endpoint from its scrapers. A global limit alone
+(what this endpoint had) hands it to whoever fills it: a client that holds
+the places with unfinished requests and re-opens each as it times out had
+every scrape refused. Raising the limit or shortening the timeout only asks
+the holder to re-open faster; refusing newcomers is what lets the holder win.
+So places are shared out by client (an IPv4 address, or an IPv6 network of
+``[limits] ipv6_prefix`` bits, as ``max_connections_per_ip`` counts), and
+room is made by taking a place back from whoever holds the most, rather
+than by turning the newcomer away:
+
+* one client holds at most ``MAX_PER_CLIENT`` (half of ``MAX_SCRAPERS``), so
+  another always finds room beside it; a client at that limit that connects
+  again has its *own* oldest connection closed for the new one (a scraper
+  behind the same address as a leaky or hostile client still gets through,
+  and the holder's churn costs only the holder);
+* when all ``MAX_SCRAPERS`` places are taken (several clients), the place is
+  taken from the client that would hold the most with the newcomer counted
+  (its own on a tie);
+* of that client's connections, the oldest still waiting for its request
+  goes first (a scraper's request arrives with its first packet, so one that
+  has waited longest is the likeliest slowloris), then the oldest whose
+  answer is all sent (draining), then the oldest being sent one (a
+  never-reader); one whose figures are being gathered is never taken (that
+  lasts at most the gathering's own timeout), and if nothing can be taken
+  the newcomer is closed after all.
+
+The newcomer is the one connection never taken back for room: it is the
+likeliest to be a scraper that has just come, as each scrape opens a
+connection of its own. Finding room looks at most ``MAX_SCRAPERS`` connections, and the per-client
+counts hold only clients with a connection here.
+
 A slow or hostile scraper costs little and only for a while:
 
-* at most ``MAX_SCRAPERS`` connections at once; more are closed at once,
-  at most ``ACCEPTS_PER_TURN`` a turn (a flood waits in the kernel's queue);
+* at most ``MAX_SCRAPERS`` connections at once, at most ``MAX_PER_CLIENT``
+  of one client; room for more is made as above, at most
+  ``ACCEPTS_PER_TURN`` accepts a turn (a flood waits in the kernel's queue);
 * each has ``REQUEST_TIMEOUT`` seconds from accept to its close, whatever
   it does (slowloris, a never-reader);
 * a request line and headers are capped at ``MAX_REQUEST_BYTES``
@@ -51,7 +89,8 @@ from collections.abc import Callable
 
 import h11
 
-from muxd.access import AccessPolicy, client_address
+from muxd.access import AccessPolicy, client_address, client_group
+from muxd.config import Config
 from muxd.metrics import CONTENT_TYPE
 from muxd.pollers import READ, WRITE, FdOutOfRange, Poller
 from muxd.timers import Timer, Timers
@@ -59,6 +98,7 @@ from muxd.timers import Timer, Timers
 logger = logging.getLogger("muxd")
 
 MAX_SCRAPERS = 8
+MAX_PER_CLIENT = MAX_SCRAPERS // 2
 REQUEST_TIMEOUT = 3.0
 MAX_REQUEST_BYTES = 8192
 READ_SIZE = 4096
@@ -68,17 +108,21 @@ ACCEPTS_PER_TURN = 64  # a flood of connections is taken a bounded bite per turn
 _SCRATCH = bytearray(65536)  # dropped input lands here; the loop is single-threaded
 
 _READING, _WAITING, _WRITING, _DRAINING = range(4)
+# Which of a client's connections gives its place up first (lower first);
+# one waiting for its figures never does.
+_EVICTION_ORDER = {_READING: 0, _DRAINING: 1, _WRITING: 2}
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed"}
 
 Reply = Callable[[bytes], None]
 
 
 class _Scraper:
-    __slots__ = ("sock", "fd", "http", "deadline", "state", "out", "interest")
+    __slots__ = ("sock", "fd", "group", "http", "deadline", "state", "out", "interest")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, group: object, deadline: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.group = group  # the client it counts under (access.client_group)
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
         self.deadline = deadline
         self.state = _READING
@@ -89,23 +133,29 @@ class _Scraper:
 class MetricsEndpoint:
     def __init__(self, sockets: list[socket.socket], poller: Poller, timers: Timers,
                  clock: Callable[[], float], collect: Callable[[Reply], None],
-                 access: Callable[[], AccessPolicy]) -> None:
-        """``clock`` is the host loop's monotonic reading for the current turn."""
+                 config: Callable[[], Config]) -> None:
+        """``clock`` is the host loop's monotonic reading for the current turn;
+        ``config`` the configuration in force (a reload replaces it)."""
         self.poller = poller
         self._timers = timers
         self._clock = clock
         self._accept_timer: Timer | None = None
         self._tick_timer: Timer | None = None
         self._collect = collect
-        self._access = access
+        self._config = config
+        self._gate_of: Config | None = None  # what _policy and _ipv6_prefix were read from
+        self._policy = AccessPolicy()
+        self._ipv6_prefix = 64
         self._listeners = {sock.fileno(): sock for sock in sockets}
+        # In accept order (a dict keeps insertion order): the oldest first.
         self._scrapers: dict[int, _Scraper] = {}
+        self._per_client: dict[object, int] = {}
         self._ready: list[socket.socket] = []
         self._paused: list[socket.socket] = []
         # Every descriptor that is the endpoint's, for the host's dispatch.
         self.fds: set[int] = set(self._listeners)
         self.answers = {"200": 0, "400": 0, "404": 0, "405": 0}
-        self.refused = {"limit": 0, "access": 0, "timeout": 0}
+        self.refused = {"limit": 0, "access": 0, "timeout": 0, "evicted": 0}
 
     @property
     def addresses(self) -> list[str]:
@@ -186,6 +236,12 @@ class MetricsEndpoint:
 
     def _accept(self, listener: socket.socket) -> None:
         deadline = self._clock() + REQUEST_TIMEOUT
+        config = self._config()
+        if config is not self._gate_of:  # started, or reloaded: read once, not per accept
+            self._gate_of = config
+            self._policy = AccessPolicy.for_metrics(config)
+            self._ipv6_prefix = config.ipv6_prefix
+        policy = self._policy
         for _ in range(ACCEPTS_PER_TURN):
             try:
                 sock, peer = listener.accept()
@@ -202,18 +258,19 @@ class MetricsEndpoint:
                 self.poller.unregister(listener.fileno())
                 self._paused.append(listener)
                 return
-            if len(self._scrapers) >= MAX_SCRAPERS:
-                self.refused["limit"] += 1
-                sock.close()
-                continue
-            policy = self._access()
-            if policy.active and isinstance(peer, tuple) and peer and peer[0] \
-                    and not policy.permits(client_address(peer[0])):
+            address = client_address(peer[0]) \
+                if isinstance(peer, tuple) and peer and peer[0] else None
+            if address is not None and policy.active and not policy.permits(address):
                 self.refused["access"] += 1
                 sock.close()
                 continue
+            group = None if address is None else client_group(address, self._ipv6_prefix)
+            if not self._make_room(group):
+                self.refused["limit"] += 1
+                sock.close()
+                continue
             sock.setblocking(False)
-            scraper = _Scraper(sock, deadline)
+            scraper = _Scraper(sock, group, deadline)
             try:
                 self._want(scraper, READ)
             except (OSError, FdOutOfRange):
@@ -221,6 +278,7 @@ class MetricsEndpoint:
                 sock.close()
                 continue
             self._scrapers[scraper.fd] = scraper
+            self._per_client[group] = self._per_client.get(group, 0) + 1
             self.fds.add(scraper.fd)
         # The budget is spent and clients may still be queued: no new edge
         # will say so, so come back next turn (a timer due just after this
@@ -229,6 +287,30 @@ class MetricsEndpoint:
             self._ready.append(listener)
         if self._accept_timer is None:
             self._accept_timer = self._timers.call_at(self._clock() + 1e-6, self._accept_ready)
+
+    def _make_room(self, group: object) -> bool:
+        """Whether a newcomer of ``group`` may have a place, once the
+        connection that must give one up (module docstring) has been closed;
+        False when none may."""
+        per_client = self._per_client
+        held = per_client.get(group, 0)
+        if held < MAX_PER_CLIENT and len(self._scrapers) < MAX_SCRAPERS:
+            return True
+        victim = None
+        best: tuple[int, bool, int] | None = None
+        for scraper in self._scrapers.values():  # the oldest first: the first of a rank wins
+            order = _EVICTION_ORDER.get(scraper.state)
+            if order is None or (held >= MAX_PER_CLIENT and scraper.group != group):
+                continue
+            count = per_client[scraper.group] + (scraper.group == group)
+            rank = (-count, scraper.group != group, order)
+            if best is None or rank < best:
+                victim, best = scraper, rank
+        if victim is None:
+            return False
+        self.refused["evicted"] += 1
+        self._close(victim)
+        return True
 
     # --- one request ----------------------------------------------------------
 
@@ -346,6 +428,11 @@ class MetricsEndpoint:
         if self._scrapers.get(scraper.fd) is scraper:
             del self._scrapers[scraper.fd]
             self.fds.discard(scraper.fd)
+            left = self._per_client[scraper.group] - 1
+            if left:
+                self._per_client[scraper.group] = left
+            else:
+                del self._per_client[scraper.group]
         if scraper.interest:
             try:
                 self.poller.unregister(scraper.fd)

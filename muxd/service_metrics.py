@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from muxd import __version__
-from muxd.access import AccessPolicy
+from muxd.config import Config
 from muxd.metrics import Figures, ServiceFigures, read_process, render
 from muxd.metrics_http import MetricsEndpoint, Reply
 from muxd.pollers import READ, Poller
@@ -36,12 +36,12 @@ MAX_FIGURES_BYTES = 256 << 10  # one worker's figures as JSON: ~1 KiB per listen
 
 class ServiceMetrics:
     def __init__(self, sockets: Sequence[socket.socket], poller: Poller, timers: Timers,
-                 clock: Callable[[], float], access: Callable[[], AccessPolicy]) -> None:
+                 clock: Callable[[], float], config: Callable[[], Config]) -> None:
         self.poller = poller
         self._timers = timers
         self._clock = clock
         self.endpoint = MetricsEndpoint(list(sockets), poller, timers, clock, self._collect,
-                                        access)
+                                        config)
         self._channels: dict[int, socket.socket] = {}  # slot -> our end, once started
         self._pids: dict[int, int] = {}
         self._by_fd: dict[int, int] = {}  # our end's fd -> slot

@@ -33,7 +33,6 @@ import signal
 import time
 from dataclasses import dataclass, replace
 
-from muxd.access import AccessPolicy
 from muxd.config import (
     RESTART_ONLY_FIELDS,
     Config,
@@ -111,7 +110,7 @@ class Supervisor:
 
             self.metrics = ServiceMetrics(metrics_sockets, self._poller, self.timers,
                                           lambda: self._now,
-                                          lambda: AccessPolicy.from_config(self.config))
+                                          lambda: self.config)
 
     # --- lifecycle -------------------------------------------------------
 

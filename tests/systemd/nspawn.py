@@ -484,13 +484,16 @@ class Container:
 
     # --- network ---------------------------------------------------------------------------
 
-    def connect(self, port: int, host: str = "127.0.0.1", timeout: float = 5) -> socket.socket:
-        """A TCP connection made from inside the container's network namespace.
+    def connect(self, port: int, host: str = "127.0.0.1", timeout: float = 5,
+                source: str | None = None) -> socket.socket:
+        """A TCP connection made from inside the container's network namespace (from
+        ``source``, an address of the container's, when given).
 
         Only socket creation needs the namespace; a single worker thread joins it once and
         the socket is then used from the calling thread as usual.
         """
-        future = self._in_netns().submit(socket.create_connection, (host, port), timeout)
+        future = self._in_netns().submit(socket.create_connection, (host, port), timeout,
+                                         None if source is None else (source, 0))
         return future.result(timeout=timeout + 5)
 
     def udp_socket(self, family: socket.AddressFamily = socket.AF_INET) -> socket.socket:

@@ -55,3 +55,30 @@ def test_scraping_inside_the_container_with_the_hardened_unit(muxd: Container) -
     assert sample(body, "process_resident_memory_bytes") > 1 << 20
     assert started - 5 <= sample(body, "process_start_time_seconds") <= time.time() + 1
     assert muxd.show("muxd", "ActiveState") == "active"
+
+
+def answer_from(container: Container, source: str) -> bytes:
+    """One scrape from ``source``: the status line's start, b"" if closed unanswered."""
+    with container.connect(METRICS_PORT, source=source) as sock:
+        sock.settimeout(5)
+        try:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: muxd\r\n\r\n")
+            return sock.recv(12)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+
+
+def test_metrics_allow_and_its_reload_under_systemd(muxd: Container) -> None:
+    """[metrics] allow under the shipped unit, and `systemctl reload` applying a new one."""
+    edit_ini(muxd, {("metrics", "listen"): f"127.0.0.1:{METRICS_PORT}",
+                    ("metrics", "allow"): "127.0.0.2"})
+    muxd.systemctl("start", "muxd")
+    assert [answer_from(muxd, source) for source in ("127.0.0.1", "127.0.0.2")] == \
+        [b"", b"HTTP/1.1 200"]
+    edit_ini(muxd, {("metrics", "allow"): "127.0.0.1/32"})
+    muxd.systemctl("reload", "muxd", timeout=20)
+    assert [answer_from(muxd, source) for source in ("127.0.0.1", "127.0.0.2")] == \
+        [b"HTTP/1.1 200", b""]
+    body = scrape(muxd)
+    assert sample(body, "muxd_metrics_connections_refused_total", reason="access") == 2
+    assert muxd.show("muxd", "ActiveState") == "active"
