@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import re
 import socket
+import subprocess
 import threading
 
 import pytest
@@ -55,7 +56,8 @@ class Reader(threading.Thread):
 
 def test_restart_after_a_broken_edit_is_the_graceful_stop(muxd: Container) -> None:
     pristine = muxd.path(MUXD_CONFIG).read_text()
-    edit_ini(muxd, {("logging", "connections"): "yes"})
+    # Time for the non-reader to read its echo during a graceful stop, however late it starts.
+    edit_ini(muxd, {("logging", "connections"): "yes", ("limits", "shutdown_timeout"): "60"})
     muxd.systemctl("start", "muxd")
     idle = [muxd.connect(7) for _ in range(IDLE_CLIENTS)]
     sent = {sock: bytearray(b"hello\n") for sock in idle}
@@ -75,36 +77,47 @@ def test_restart_after_a_broken_edit_is_the_graceful_stop(muxd: Container) -> No
     muxd.write_file(MUXD_CONFIG, BROKEN)
     mark = muxd.journal_mark()
     readers = {sock: Reader(sock, b"" if sock is piler else b"hello\n") for sock in sent}
-    for reader in readers.values():
-        reader.start()
-    restart = muxd.run(["systemctl", "restart", "muxd"], check=False, timeout=90)
+    for sock, reader in readers.items():
+        if sock is not piler:
+            reader.start()
+    outcome: list[subprocess.CompletedProcess[str]] = []
+    restarter = threading.Thread(target=lambda: outcome.append(
+        muxd.run(["systemctl", "restart", "muxd"], check=False, timeout=120)))
+    restarter.start()
+    # The non-reader reads again only once the old process has its SIGTERM: what muxd holds
+    # for it then must still reach it (a hand-over to a process that never starts loses it).
+    muxd.wait_for_journal("-u", "muxd", after=mark, timeout=60, match=lambda e: any(
+        word in e["MESSAGE"] for word in ("SIGTERM: stopping", "handing over")))
+    readers[piler].start()
+    restarter.join(150)
+    restart = outcome[0]
     for reader in readers.values():
         reader.join(60)
 
-    assert restart.returncode != 0, "the new process started with a broken file?"
-    assert muxd.show("muxd", "ExecMainStatus") == "78"
-    assert muxd.show("muxd", "NFileDescriptorStore") == "0"
+    # Every client's connection ended cleanly (no reset), after all the echo muxd owed it.
     messages = [e["MESSAGE"] for e in muxd.journal("-u", "muxd", after=mark)]
-    said = [m for m in messages if GRACEFUL in m]
-    assert len(said) == 1, messages
-    assert f"configuration error: {MUXD_CONFIG}: [limits] idle_timeout = 'forever'" in said[0]
-    assert not [m for m in messages if "handing over" in m or "took over" in m], messages
-    # What muxd read of each client (the rest was input it dropped while stopping).
-    read_in = {}
+    read_in = {}  # what muxd read of each client (input it dropped while stopping aside)
     for message in messages:
         found = re.search(r"disconnect \S+:(\d+) \(\w+\): (\d+) bytes in", message)
         if found:
             read_in[int(found.group(1))] = int(found.group(2))
+    ends = {}
     for sock, reader in readers.items():
         port = sock.getsockname()[1]
-        name = "the non-reader" if sock is piler else f"client {port}"
-        assert reader.end == "eof", f"{name}: {reader.end} after {len(reader.received)} bytes"
-        assert port in read_in, (name, messages)
-        assert len(reader.received) == read_in[port], (name, len(reader.received),
-                                                        read_in[port])
+        name = "the non-reader" if port == piler_port else f"client {port}"
+        ends[name] = (reader.end, len(reader.received), read_in.get(port))
         assert reader.received == sent[sock][:len(reader.received)], f"{name}: wrong bytes"
         sock.close()
+    assert all(end == "eof" and got == owed for end, got, owed in ends.values()), ends
     assert read_in[piler_port] > 1 << 20  # the non-reader's pile was there to lose
+
+    assert restart.returncode != 0, "the new process started with a broken file?"
+    assert muxd.show("muxd", "ExecMainStatus") == "78"
+    assert muxd.show("muxd", "NFileDescriptorStore") == "0"
+    said = [m for m in messages if GRACEFUL in m]
+    assert len(said) == 1, messages
+    assert f"configuration error: {MUXD_CONFIG}: [limits] idle_timeout = 'forever'" in said[0]
+    assert not [m for m in messages if "handing over" in m or "took over" in m], messages
 
     # Fixed: a plain start serves again.
     muxd.write_file(MUXD_CONFIG, pristine)
