@@ -19,6 +19,8 @@ from muxd.listeners import (
     check_unserved,
     describe,
     inherited_sockets,
+    no_socket_passed,
+    socket_activation_required,
 )
 from muxd.logs import logger, set_level, setup_logging, stderr_is_journal
 from muxd.notify import Notifier
@@ -231,12 +233,17 @@ def _inherited_sockets(handover: _HandoverSetup
     """TCP listeners and UDP endpoints passed by systemd socket activation
     (the config's addresses are then not bound), or None when not activated.
     What muxd's own store passed back is sorted into ``handover.inheritance``."""
+    required = socket_activation_required()
     found = inherited_sockets(is_store_name, handover.capacity)
     if found is None:
+        if required:
+            raise no_socket_passed()
         return None
     inherited, stored = found
     if not inherited and not stored:
         raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)", EX_CONFIG)
+    if not inherited and required:
+        raise no_socket_passed()  # only muxd's own store came back
     if stored:
         _take_stored(handover, stored)
     if not inherited:
