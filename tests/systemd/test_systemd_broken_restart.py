@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from nspawn import (
@@ -29,7 +30,8 @@ from nspawn import (
 
 pytestmark = pytest.mark.systemd
 
-BROKEN = "[limits]\nidle_timeout = forever\n"
+BROKEN = "[server]\nworkers = many\n"  # a key that needs a restart, edited wrongly
+README = Path(__file__).resolve().parents[2] / "README.md"
 IDLE_CLIENTS = 3
 GRACEFUL = "this restart stops muxd gracefully"
 
@@ -116,7 +118,10 @@ def test_restart_after_a_broken_edit_is_the_graceful_stop(muxd: Container) -> No
     assert muxd.show("muxd", "NFileDescriptorStore") == "0"
     said = [m for m in messages if GRACEFUL in m]
     assert len(said) == 1, messages
-    assert f"configuration error: {MUXD_CONFIG}: [limits] idle_timeout = 'forever'" in said[0]
+    # Word for word the line README "Configure and reload" quotes.
+    quoted = [line.strip() for line in README.read_text().splitlines() if GRACEFUL in line
+              and line.startswith("    muxd: configuration error: ")]
+    assert quoted == [said[0]], (quoted, said[0])
     assert not [m for m in messages if "handing over" in m or "took over" in m], messages
 
     # Fixed: a plain start serves again.
