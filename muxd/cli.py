@@ -19,6 +19,8 @@ from muxd.listeners import (
     check_unserved,
     describe,
     inherited_sockets,
+    no_socket_passed,
+    socket_activation_required,
 )
 from muxd.logs import logger, set_level, setup_logging, stderr_is_journal
 from muxd.notify import Notifier
@@ -44,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration and exit (0 if valid, 78 if not)")
+    parser.add_argument("--check-restart", action="store_true",
+                        help="the unit's stop hook, before a restart: validate the "
+                             "configuration the next process will read and exit, silent and "
+                             "0 if it is valid (hand-over), else 78 with a line saying this "
+                             "restart stops gracefully")
     parser.add_argument("--detach", action="store_true",
                         help="fork into the background (for hosts without systemd)")
     parser.add_argument("--pidfile", metavar="PATH",
@@ -66,8 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         # but with the journal's priority prefix when stderr is the journal, so
         # `journalctl -p err` shows why muxd failed.
         priority = "<3>" if stderr_is_journal() else ""
-        print(f"{priority}muxd: configuration error: {err}", file=sys.stderr)
+        # Before a restart the old process is still serving: handing its clients to
+        # a process that will not start would reset them all, so this one line (the
+        # only one) says that the restart is a graceful stop instead, and why.
+        consequence = ("; this restart stops muxd gracefully instead of handing its "
+                       "connections over (every client gets its echo, then the end), and "
+                       "muxd will not start again until the file is fixed"
+                       if args.check_restart else "")
+        print(f"{priority}muxd: configuration error: {err}{consequence}", file=sys.stderr)
         return EX_CONFIG
+    if args.check_restart:
+        return 0  # the hook then sends SIGURG; muxd itself logs the hand-over
     if args.check_config:
         print(f"muxd: configuration OK: {config.source}")
         return 0
@@ -218,12 +234,17 @@ def _inherited_sockets(handover: _HandoverSetup
     """TCP listeners and UDP endpoints passed by systemd socket activation
     (the config's addresses are then not bound), or None when not activated.
     What muxd's own store passed back is sorted into ``handover.inheritance``."""
+    required = socket_activation_required()
     found = inherited_sockets(is_store_name, handover.capacity)
     if found is None:
+        if required:
+            raise no_socket_passed()
         return None
     inherited, stored = found
     if not inherited and not stored:
         raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)", EX_CONFIG)
+    if not inherited and required:
+        raise no_socket_passed()  # only muxd's own store came back
     if stored:
         _take_stored(handover, stored)
     if not inherited:

@@ -9,6 +9,12 @@ EX_CONFIG before anything is served: a netlink or raw socket in the accept
 loop would spin it, and a restart cannot fix the socket unit. Descriptors
 of muxd's own file descriptor store (hand-over, handover.py) come through the
 same variables; those are handed back unchecked for their owner to sort.
+
+A unit meant only for socket activation says so with
+``MUXD_SOCKET_ACTIVATION=required`` (the README's socket-mode drop-in): muxd
+then refuses to start without a socket from systemd instead of binding
+``[server] listen`` itself, which would leave it serving port 7 half in the
+other mode after ``muxd.socket`` failed (or exiting 77 without the capability).
 """
 
 from __future__ import annotations
@@ -205,6 +211,27 @@ def inherited_sockets(
 
 
 MAX_INHERITED = 1024
+SOCKET_ACTIVATION_VARIABLE = "MUXD_SOCKET_ACTIVATION"
+
+
+def socket_activation_required() -> bool:
+    """Whether the unit says muxd must be socket-activated (and must bind nothing);
+    any value but ``required`` or nothing is refused with EX_CONFIG."""
+    value = os.environ.get(SOCKET_ACTIVATION_VARIABLE, "")
+    if value not in ("", "required"):
+        raise ListenerError(f"{SOCKET_ACTIVATION_VARIABLE}={quoted(value)} in the environment: "
+                            "expected 'required' or nothing", EX_CONFIG)
+    return value == "required"
+
+
+def no_socket_passed() -> ListenerError:
+    """Socket activation is required but systemd passed no socket (``muxd.socket``
+    is stopped or failed, e.g. after `systemctl restart muxd.socket` went wrong)."""
+    return ListenerError(
+        f"socket activation: {SOCKET_ACTIVATION_VARIABLE}=required, but systemd passed no "
+        "listening socket, so muxd.socket is not running: not binding [server] listen "
+        "instead; start it with `systemctl start muxd.socket` (see README, \"B. socket "
+        "activation\")", EX_CONFIG)
 
 
 def _is_number(text: str) -> bool:

@@ -99,3 +99,37 @@ def test_a_malformed_listen_fds_is_refused_not_ignored(tmp_path, value) -> None:
     assert result.returncode == EX_CONFIG, result.stderr
     assert "LISTEN_FDS=" in result.stderr and "not a number" in result.stderr, result.stderr
     assert "listening on" not in result.stderr
+
+
+def run_unactivated(tmp_path, required: str, workers: int = 1
+                    ) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "plain.ini"
+    config.write_text(server_config(free_port()).replace("[limits]",
+                                                         f"workers = {workers}\n[limits]"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+    env["MUXD_SOCKET_ACTIVATION"] = required
+    return subprocess.run([sys.executable, "-m", "muxd", "--config", str(config)],
+                          capture_output=True, text=True, timeout=15, env=env,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_unit_meant_for_socket_activation_binds_nothing_without_a_socket(
+        tmp_path, workers) -> None:
+    """The socket-mode drop-in's MUXD_SOCKET_ACTIVATION=required: started without
+    muxd.socket (issue 19), muxd says why and exits 78 instead of binding the port."""
+    result = run_unactivated(tmp_path, "required", workers)
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "MUXD_SOCKET_ACTIVATION=required, but systemd passed no listening socket" \
+        in result.stderr, result.stderr
+    assert "systemctl start muxd.socket" in result.stderr
+    assert "listening on" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_socket_activation_requirement_is_refused(tmp_path) -> None:
+    result = run_unactivated(tmp_path, "yes")
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "MUXD_SOCKET_ACTIVATION='yes'" in result.stderr and "expected 'required'" \
+        in result.stderr, result.stderr
+    assert "listening on" not in result.stderr
+

@@ -113,6 +113,24 @@ def test_check_config_accepts_the_shipped_file() -> None:
     assert "OK" in result.stdout
 
 
+def test_check_restart_is_silent_on_a_good_file_and_says_what_a_bad_one_means(
+        tmp_path: Path) -> None:
+    """The unit's stop hook: 0 and nothing logged means hand over; 78 and one line saying
+    the restart stops gracefully, and why, means not (issue 19)."""
+    good = run_muxd("--config", str(SHIPPED), "--check-restart")
+    assert (good.returncode, good.stdout, good.stderr) == (0, "", "")
+    path = tmp_path / "bad.ini"
+    path.write_text("[limits]\nidle_timeout = forever\n")
+    bad = run_muxd("--config", str(path), "--check-restart")
+    assert bad.returncode == EX_CONFIG
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1, bad.stderr
+    assert lines[0].startswith(f"muxd: configuration error: {path}: [limits] idle_timeout = ")
+    assert "this restart stops muxd gracefully instead of handing its connections over" \
+        in lines[0]
+    assert bad.stdout == ""
+
+
 def test_version() -> None:
     result = run_muxd("--version")
     assert result.returncode == 0

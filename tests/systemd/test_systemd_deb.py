@@ -23,6 +23,7 @@ from conftest import DebianPackages
 from nspawn import (
     MUXD_CONFIG,
     Container,
+    add_drop_in,
     connected,
     echo_roundtrip,
     edit_ini,
@@ -32,6 +33,7 @@ from nspawn import (
     receive_exactly,
     wait_until,
 )
+from test_systemd_socket import socket_only_drop_in
 
 pytestmark = pytest.mark.systemd
 
@@ -198,11 +200,12 @@ def test_upgrade_keeps_the_edited_conffile_and_restarts_the_service(
 
 def test_upgrade_in_socket_mode_keeps_the_socket_and_restarts_the_service(
         deb: Container, debian_packages: DebianPackages) -> None:
-    """README's switch to socket activation survives an upgrade: the socket stays enabled
-    and listening (never restarted with its service, the trap of systemd #23581), and the
-    running service behind it gets the new code."""
+    """README's switch to socket activation (mode B's drop-in included) survives an
+    upgrade: the socket stays enabled and listening (never restarted with its service, the
+    trap of systemd #23581), and the running service behind it gets the new code."""
     fresh_install(deb, debian_packages)
     deb.systemctl("disable", "--now", "muxd.service")
+    add_drop_in(deb, "muxd.service", "override", socket_only_drop_in())
     deb.systemctl("enable", "--now", "muxd.socket")
     assert_serving_via_socket = b"activated\n"
     with connected(deb) as sock:
@@ -228,6 +231,9 @@ def test_upgrade_in_socket_mode_keeps_the_socket_and_restarts_the_service(
     assert deb.show("muxd.socket", "ActiveState") == "inactive"
     assert deb.show("muxd.service", "ActiveState") == "inactive"
     deb.run([*APT, "purge", "muxd"], timeout=120)
+    # The drop-in is the administrator's file: dpkg leaves it; later tests run without it.
+    deb.run(["rm", "-r", "/etc/systemd/system/muxd.service.d"])
+    deb.systemctl("daemon-reload")
 
 
 def test_remove_stops_and_keeps_config_purge_removes_it_reinstall_works(

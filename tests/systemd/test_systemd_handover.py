@@ -351,7 +351,9 @@ class Dialer(threading.Thread):
 
     def run(self) -> None:
         attempt = 0
-        while not self.stop.is_set() and attempt < 400:
+        # Bounded, yet enough for an upgrade (install.sh, ~15 s on a busy machine) and the
+        # restart after it: a dialer that ran out would wait in vain for "served afterwards".
+        while not self.stop.is_set() and attempt < 4000:
             attempt += 1
             payload = f"dial {attempt}\n".encode()
             try:
