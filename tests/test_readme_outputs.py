@@ -72,7 +72,9 @@ def test_a_quoted_configuration_error_is_what_check_config_prints(tmp_path: Path
     value = "1" if match["value"] is None else ast.literal_eval(match["value"])
     config = tmp_path / "muxd.ini"
     config.write_text(f"[{match['section']}]\n{match['key']} = {value}\n")
-    result = subprocess.run([sys.executable, "-m", "muxd", "--check-config", "--config",
+    # The stop hook's line (README, "Configure and reload") comes from --check-restart.
+    check = "--check-restart" if "this restart" in quote else "--check-config"
+    result = subprocess.run([sys.executable, "-m", "muxd", check, "--config",
                              str(config)], capture_output=True, text=True, timeout=30)
     assert result.returncode == EX_CONFIG, result
     printed = result.stderr.strip().replace(str(config), match["path"])
