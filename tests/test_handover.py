@@ -57,14 +57,15 @@ def test_restart_keeps_every_connection_with_its_pending_echo_and_half_close(
     # Echo is checked against stream[:sent]: a wrapped (cyclic) send would not match it.
     assert max(slow_sent, closer_sent) < len(stream)
     closer.shutdown(socket.SHUT_WR)  # half-closed, with echo still owed to it
-    wait_until(lambda: pid1.count("conn") == 3, what="three connections in the store")
+    wait_until(lambda: pid1.parked() == 3, what="three connections parked")
 
     second = unit.restart()
     assert second.pid != first.pid
     second.wait_log(f"took over 3 connections and 1 listeners from PID {first.pid}")
     assert "KiB of pending echo" in second.log
     assert pid1.removals and pid1.removals[0].startswith("state-")
-    assert not any(name.startswith("state-") for name in pid1.names())
+    assert not any(name.startswith("state-") and not name.startswith("state-park-")
+               for name in pid1.names())
 
     assert echo_once(talker, b"after") == b"after"
     slow.settimeout(10)
@@ -85,7 +86,7 @@ def test_restart_keeps_every_connection_with_its_pending_echo_and_half_close(
     talker.settimeout(5)
     assert talker.recv(10) == b""
     assert recv_until_eof(slow) == b""
-    wait_until(lambda: pid1.count("conn") == 0, what="the store to drop the closed connections")
+    wait_until(lambda: pid1.segments() == 0, what="the store to drop the parking sockets")
     for sock in (talker, slow, closer):
         sock.close()
 
@@ -96,10 +97,9 @@ def test_a_closed_connection_leaves_the_store_so_its_peer_sees_the_end(
     Unit(pid1, start_muxd, server_config(port, idle_timeout=0.3), tmp_path)
     idle = connect(port)
     assert echo_once(idle, b"x") == b"x"
-    wait_until(lambda: pid1.count("conn") == 1, what="the connection in the store")
+    wait_until(lambda: pid1.parked() == 1, what="the connection parked")
     idle.settimeout(5)
-    assert idle.recv(10) == b""  # idle_timeout closed it, and the store's copy went too
-    wait_until(lambda: pid1.count("conn") == 0, what="the store to drop it")
+    assert idle.recv(10) == b""  # idle_timeout closed it: shut down, the parked copy too
     idle.close()
 
 
@@ -114,7 +114,7 @@ def test_kill_9_loses_at_most_the_echo_held_in_memory(pid1, start_muxd, tmp_path
     stream = os.urandom(16 << 20)
     sent = push_until_stalled(slow, stream)
     assert sent < len(stream)  # checked against stream[:sent]: a wrapped send would not match
-    wait_until(lambda: pid1.count("conn") == 2, what="both connections in the store")
+    wait_until(lambda: pid1.parked() == 2, what="both connections parked")
 
     second = unit.crash()
     second.wait_log("took over 2 connections and 1 listeners without hand-over state")
@@ -180,7 +180,9 @@ def test_foreign_and_damaged_descriptors_are_dropped_and_muxd_serves(
     with pytest.raises(ConnectionRefusedError):
         connect(stray_port)  # the dropped listener stopped listening
     # The foreign ones are gone, and so is the connection its client closed.
-    wait_until(lambda: pid1.names() == ["listen"], what="only muxd's listener left in the store")
+    wait_until(lambda: sorted(pid1.names())[0] == "listen" and len(pid1.names()) == 2
+               and pid1.segments() == 1,
+               what="only muxd's listener and its parking socket left in the store")
 
 
 def test_a_full_store_keeps_what_fits_and_closes_the_rest_gracefully(
@@ -215,7 +217,7 @@ def test_sigterm_without_the_stop_hook_is_the_graceful_stop(pid1, start_muxd, tm
     unit = Unit(pid1, start_muxd, server_config(port), tmp_path)
     sock = connect(port)
     assert echo_once(sock, b"x") == b"x"
-    wait_until(lambda: pid1.count("conn") == 1, what="the connection in the store")
+    wait_until(lambda: pid1.parked() == 1, what="the connection parked")
     unit.daemon.signal(signal.SIGTERM)
     assert unit.daemon.wait() == 0
     assert "handing over" not in unit.daemon.log
@@ -238,7 +240,7 @@ def test_a_proxied_connection_is_stored_once_its_header_is_read_and_kept_at_rest
     client = connect(port)
     client.sendall(b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 7\r\n")
     assert echo_once(client, b"before") == b"before"
-    wait_until(lambda: pid1.count("conn") == 1, what="the proxied connection in the store")
+    wait_until(lambda: pid1.parked() == 1, what="the proxied connection parked")
 
     second = unit.restart()
     second.wait_log(f"took over 1 connections and 1 listeners from PID {first.pid}")
@@ -286,7 +288,7 @@ def test_a_proxied_connection_keeps_the_client_its_header_named_across_a_restart
     mine = [held(port, v1("198.51.100.7", 40000 + index)) for index in range(2)]
     other = held(port, v2("2001:db8::9", 41000))
     assert not served(port, v1("198.51.100.7"))  # at its limit
-    wait_until(lambda: pid1.count("conn") == 3, what="the proxied connections in the store")
+    wait_until(lambda: pid1.parked() == 3, what="the proxied connections parked")
 
     second = unit.restart()
     second.wait_log(f"took over 3 connections and 1 listeners from PID {first.pid}")
@@ -360,7 +362,7 @@ def test_a_format_1_state_is_read_and_its_proxied_clients_are_counted_under_none
     stream = os.urandom(16 << 20)
     sent = push_until_stalled(slow, stream)
     assert sent < len(stream)  # checked against stream[:sent]: a wrapped send would not match
-    wait_until(lambda: pid1.count("conn") == 2, what="both in the store")
+    wait_until(lambda: pid1.parked() == 2, what="both parked")
     old = unit.hand_over()
     pid1.rewrite("state-", format_1)
     second = unit.start()
@@ -382,7 +384,7 @@ def test_after_a_crash_proxied_connections_count_under_no_client_not_the_balance
     port = free_port()
     unit = Unit(pid1, start_muxd, proxied_config(port, max_connections_per_ip=1), tmp_path)
     mine = held(port, v1("198.51.100.7"))
-    wait_until(lambda: pid1.count("conn") == 1, what="the connection in the store")
+    wait_until(lambda: pid1.parked() == 1, what="the connection parked")
     second = unit.crash()
     second.wait_log("took over 1 connections and 1 listeners without hand-over state")
     assert ("1 proxied connection(s) taken over without the client their PROXY header named "
