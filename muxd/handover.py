@@ -565,12 +565,18 @@ class HandOver:
             records.append(Record(os.fstat(conn.fd).st_ino, conn.bytes_in, flags,
                                   conn.pending or b"", conn.client))
         pending = sum(len(record.pending) for record in records)
-        fd = write_state(os.getpid(), version, records, waiting_records, closed + len(unparked),
-                         self.totals, len(records) + len(waiting_records))
         try:
-            stored = self.store.store_now(fd, f"{STATE_PREFIX}{os.getpid()}")
-        finally:
-            os.close(fd)
+            fd = write_state(os.getpid(), version, records, waiting_records,
+                             closed + len(unparked), self.totals,
+                             len(records) + len(waiting_records))
+        except OSError as err:  # out of descriptors or memory: the connections still go
+            logger.error("could not write the hand-over state: %s", err)
+            stored = False
+        else:
+            try:
+                stored = self.store.store_now(fd, f"{STATE_PREFIX}{os.getpid()}")
+            finally:
+                os.close(fd)
         parking.step()  # removals still owed to PID 1 (a compaction's last one)
         confirmed = self.store.barrier()
         logger.info("handing over %d connection(s)%s and %d listener(s) to the next process "

@@ -17,21 +17,26 @@ not; the next process receives it back. The store holds a few of these "segments
   report hang-up: PID 1 must not drop it), under a unique name under the state prefix
   (``PARK_PREFIX``: a release that does not know it removes it and starts, see README).
   Capacity is counted in messages (~278 per default SO_SNDBUF): a segment is sealed at
-  ``SEGMENT_MESSAGES``, or at EAGAIN, and the next one, stored ahead of time, takes
-  over. A connection is only parked into a segment PID 1 already holds.
+  ``SEGMENT_MESSAGES``, at EAGAIN, or at ``segment_fds`` descriptors (a quarter of the
+  in-flight limit), and the next one, stored without waiting, takes over. A connection
+  is only parked into a segment PID 1 already holds.
 * **Closing.** A parked copy keeps the connection open: ``forget`` says so, and the
   caller shuts it down (SHUT_RDWR) before closing, so the client sees the end. The dead
   socket stays in flight until its segment goes.
-* **Compaction.** A sealed segment whose closed connections outnumber its live ones, or
-  the oldest when there are more than ``MAX_SEGMENTS``, has its live connections parked
+* **Compaction.** A sealed segment whose closed connections outnumber its live ones (or,
+  past ``MAX_SEGMENTS``, or at the in-flight limit, the one with the most dead), has its
+  live connections parked
   again into the current segment in full messages (at most ``COMPACT_STEP`` per loop
   turn), then is removed from the store by name (FDSTOREREMOVE), which frees it and its
   dead sockets. Each connection is moved at most once per segment that seals under it
   with more dead than live around it: amortised O(1) per connection.
 * **Limits.** Descriptors in flight count against the user's soft RLIMIT_NOFILE
-  (ETOOMANYREFS beyond): about live + closed-not-yet-compacted. A connection that
-  cannot be parked is served all the same, retried every ``RETRY_DELAY``, and counted
-  (``unparked``): a restart closes it gracefully.
+  (ETOOMANYREFS beyond): about live + closed-not-yet-compacted. New connections stop
+  a quarter short of it (``reserve``): room to move the live ones of a segment (never
+  more than a quarter) and free its dead, which is how a storm of reconnects (every
+  held connection dead, as many new) stays under it. A connection that cannot be
+  parked is served all the same, retried, and counted (``unparked``): a restart
+  closes it gracefully.
 * **Take-over** (``unpark``): every message of every inherited segment is received
   (control buffer for 253 descriptors; MSG_CTRUNC or a short count is loss, counted),
   duplicates are dropped by (st_dev, st_ino) (a crash in the middle of a compaction
@@ -128,6 +133,11 @@ class Parking:
         # New connections stop short of it by this much: room to move the live ones out
         # of a segment full of dead ones, which is what brings the count down again.
         self.reserve = self.limit // 4
+        # A segment holds at most that many descriptors (live and dead), so the live
+        # ones of any segment fit in the reserve: the one with the most dead can always
+        # be replaced, and the count brought down, however many clients reconnect.
+        self.segment_fds = max(16, self.reserve)
+        self._min_closed = min(COMPACT_MIN_CLOSED, self.segment_fds // 2)
         self._in_flight = 0
         self._pressure = False
 
@@ -185,8 +195,9 @@ class Parking:
         segments = self.segments
         current = segments[-1] if segments else None
         usable = current is not None and current.messages < SEGMENT_MESSAGES \
-            and current is not self._victim
-        if usable and current.messages < OPEN_NEXT_AT:
+            and current.parked < self.segment_fds and current is not self._victim
+        if usable and current.messages < OPEN_NEXT_AT \
+                and current.parked < self.segment_fds * 3 // 4:
             return current
         fresh = self._prepare_next()
         if fresh is not None:
@@ -225,7 +236,8 @@ class Parking:
             segment = self._current()
             if segment is None:
                 break
-            batch = fds[done:done + MAX_FDS_PER_MESSAGE]
+            batch = fds[done:done + min(MAX_FDS_PER_MESSAGE,
+                                        self.segment_fds - segment.parked)]
             if self._in_flight + len(batch) > limit:
                 room = limit - self._in_flight
                 if room <= 0:
@@ -285,7 +297,7 @@ class Parking:
         members = segment.members
         members.discard(fd)
         closed = segment.parked - len(members)
-        if closed > len(members) and closed >= COMPACT_MIN_CLOSED and self._victim is None \
+        if closed > len(members) and closed >= self._min_closed and self._victim is None \
                 and not self._timer_set:
             if segment is not self.segments[-1] or closed >= CURRENT_COMPACT_AT:
                 self._schedule()
@@ -335,7 +347,7 @@ class Parking:
 
     def _choose_victim(self) -> Segment | None:
         """A sealed segment with more dead than live (and enough dead to be worth it);
-        else, past MAX_SEGMENTS, the one with the fewest live; else the current one if
+        else, past MAX_SEGMENTS, the one with the most dead; else the current one if
         it has gathered many dead (it is sealed by being chosen)."""
         if not self.segments:
             return None
@@ -348,10 +360,13 @@ class Parking:
                 return max(candidates, key=lambda segment: segment.closed)
         *sealed, current = self.segments
         for segment in sealed:
-            if segment.closed > len(segment.members) and segment.closed >= COMPACT_MIN_CLOSED:
+            if segment.closed > len(segment.members) and segment.closed >= self._min_closed:
                 return segment
         if len(sealed) > MAX_SEGMENTS:
-            return min(sealed, key=lambda segment: len(segment.members))
+            # Only one with dead sockets is worth it: moving live ones alone frees nothing.
+            candidates = [segment for segment in sealed if segment.closed]
+            if candidates:
+                return max(candidates, key=lambda segment: segment.closed)
         if current.closed >= CURRENT_COMPACT_AT and current.closed > len(current.members):
             return current
         return None

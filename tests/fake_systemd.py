@@ -5,11 +5,12 @@ FDSTORE=1 / FDSTOREREMOVE=1 / BARRIER=1 messages: it binds its datagram
 socket with SO_PASSCRED, receives the SCM_RIGHTS descriptors and keeps them
 by name, closes extras beyond ``store_max`` (FileDescriptorStoreMax=), drops
 a stored descriptor that reports hang-up or error (PID 1 watches them with
-EPOLLHUP|EPOLLERR only, and not at all those sent with FDPOLL=0) and closes a barrier's pipe end once every earlier
-message is processed. ``launch`` then starts the next process the way
-systemd does: the stored descriptors from fd 3 on, LISTEN_FDS, LISTEN_FDNAMES
-and LISTEN_PID (its own PID, through a shell that execs muxd). A background
-thread receives, so the daemon's queue drains as it would under systemd.
+EPOLLHUP|EPOLLERR only, and not at all those sent with FDPOLL=0) and closes a
+barrier's pipe end once every earlier message is processed. ``launch`` then
+starts the next process the way systemd does: the stored descriptors from fd 3
+on, LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its own PID, through a shell
+that execs muxd). A background thread receives, so the daemon's queue drains
+as it would under systemd.
 
 ``Unit`` is one service's generations of muxd sharing that store (``restart``:
 the stop hook's SIGURG, SIGTERM, then the next process; ``crash``: kill -9,

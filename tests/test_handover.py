@@ -22,6 +22,7 @@ from daemon_harness import (
     echo_once,
     free_port,
     push_until_stalled,
+    raise_own_nofile,
     recv_exactly,
     recv_until_eof,
     server_config,
@@ -185,31 +186,53 @@ def test_foreign_and_damaged_descriptors_are_dropped_and_muxd_serves(
                what="only muxd's listener and its parking socket left in the store")
 
 
-def test_a_full_store_keeps_what_fits_and_closes_the_rest_gracefully(
+def test_a_store_of_four_entries_keeps_hundreds_of_connections(
         pid1, start_muxd, tmp_path) -> None:
+    """The store holds the listener, one parking socket and, at a hand-over, the state:
+    never one entry per connection (the release before stored each connection: a
+    store of 4 kept 2 of them)."""
+    raise_own_nofile(2000)
     port = free_port()
-    # 1 listener + 1 state + 2 connections.
+    pid1.store_max = 4
     unit = Unit(pid1, start_muxd, server_config(port), tmp_path, store_size=4)
-    clients = [connect(port) for _ in range(5)]
+    clients = [connect(port) for _ in range(300)]
     for index, sock in enumerate(clients):
         assert echo_once(sock, b"%d" % index) == b"%d" % index
-    unit.daemon.wait_log("the file descriptor store is full")
+    wait_until(lambda: pid1.parked() == 300, what="300 connections parked")
+    assert len(pid1.names()) == 2, pid1.names()
+    new = unit.restart()
+    new.wait_log("took over 300 connections")
+    assert pid1.closed_over_max == 0
+    assert len(pid1.names()) == 2, pid1.names()  # the state read and removed, one segment
+    for index, sock in enumerate(clients):
+        assert echo_once(sock, b"again %d" % index) == b"again %d" % index
+        sock.close()
+
+
+def test_connections_that_cannot_be_parked_are_served_counted_and_closed_gracefully(
+        pid1, start_muxd, tmp_path) -> None:
+    """Descriptors in flight stay under the soft RLIMIT_NOFILE (here 128; a quarter is
+    kept back for replacing parking sockets): the 97th connection is served but not
+    kept, and the restart lets it read its echo and then ends it (a FIN, not a reset)."""
+    port = free_port()
+    unit = Unit(pid1, start_muxd, server_config(port), tmp_path, nofile=(128, 128))
+    kept = [connect(port) for _ in range(96)]
+    for sock in kept:
+        assert echo_once(sock, b"k") == b"k"
+    wait_until(lambda: pid1.parked() == 96, what="96 connections parked")
+    beyond = connect(port)
+    beyond.sendall(b"owed")  # and not read before the restart
+    unit.daemon.wait_log("could not park 1 connection(s)")
     old = unit.daemon
     new = unit.restart()
-    assert "3 connection(s) were not in the file descriptor store: closing them" in old.log
-    new.wait_log("took over 2 connections")
-    kept = 0
-    for sock in clients:
-        sock.settimeout(5)
-        sock.sendall(b"ping")
-        try:
-            data = sock.recv(10)
-        except ConnectionResetError:
-            data = b""
-        kept += data == b"ping"
-    assert kept == 2
-    for sock in clients:
+    assert "1 connection(s) were not kept for the next process (not parked)" in old.log
+    new.wait_log("took over 96 connections")
+    beyond.settimeout(10)
+    assert recv_until_eof(beyond) == b"owed"  # its echo, then the end (not a reset)
+    for sock in kept:
+        assert echo_once(sock, b"after") == b"after"
         sock.close()
+    beyond.close()
 
 
 def test_sigterm_without_the_stop_hook_is_the_graceful_stop(pid1, start_muxd, tmp_path) -> None:
