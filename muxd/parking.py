@@ -156,7 +156,12 @@ class Parking:
     def open(self) -> bool:
         """Start-up: the first segment, stored before anything is parked (may wait a
         little for room in PID 1's queue). False if the store did not take it."""
-        segment = self._make()
+        try:
+            segment = self._make()
+        except OSError as err:
+            logger.error("could not make a parking socket (%s): connections are not kept "
+                         "across a restart", err)
+            return False
         if not self.store.store_now(segment.receiver.fileno(), segment.name, poll=False):
             segment.close()
             logger.error("could not store a parking socket in systemd's file descriptor "
@@ -181,7 +186,11 @@ class Parking:
         has it (its queue was full: tried again at the next call)."""
         segment = self._next
         if segment is None:
-            segment = self._next = self._make()
+            try:
+                segment = self._next = self._make()
+            except OSError as err:  # out of descriptors: the caller counts what is left
+                self.last_error = err
+                return None
         if self.store.store_now(segment.receiver.fileno(), segment.name, timeout=0, poll=False):
             self._next = None
             self._stored(segment)
@@ -328,6 +337,10 @@ class Parking:
             left = self._place(retry, None)
             if left:
                 self.unparked.update(left)
+            else:
+                logger.info("parked again %d connection(s) that could not be parked before",
+                            len(retry))
+                self._warned = False  # a later shortage is logged again
         victim = self._victim or self._choose_victim()
         if victim is not None:
             self._victim = victim

@@ -150,10 +150,23 @@ class FdStoreSystemd(NotifySocket):
     def segments(self) -> int:
         return sum(name.startswith("state-park-") for name in self.names())
 
-    def store_foreign(self, fd: int, name: str) -> None:
-        """Put a descriptor of the test's own into the store (a duplicate is kept)."""
+    def store_foreign(self, fd: int, name: str, poll: bool = True) -> None:
+        """Put a descriptor of the test's own into the store (a duplicate is kept);
+        ``poll=False`` as if sent with FDPOLL=0."""
         with self._lock:
-            self.stored.append((os.dup(fd), name))
+            copy = os.dup(fd)
+            self.stored.append((copy, name))
+            if not poll:
+                self.unpolled.add(copy)
+
+    def take(self, prefix: str) -> list[int]:
+        """Take the descriptors stored under names starting with ``prefix`` out of the
+        store, as FDSTOREREMOVE would, but hand them to the test instead of closing."""
+        with self._lock:
+            taken = [fd for fd, name in self.stored if name.startswith(prefix)]
+            self.stored = [(fd, name) for fd, name in self.stored if fd not in taken]
+            self.unpolled.difference_update(taken)
+        return taken
 
     def launch_command(self, config_path: Path) -> tuple[list[str], dict[str, str],
                                                           tuple[int, ...]]:
