@@ -376,10 +376,16 @@ class Parking:
             if segment.closed > len(segment.members) and segment.closed >= self._min_closed:
                 return segment
         if len(sealed) > MAX_SEGMENTS:
-            # Only one with dead sockets is worth it: moving live ones alone frees nothing.
-            candidates = [segment for segment in sealed if segment.closed]
+            # Merged into the current one: one with dead sockets, or one sealed by its
+            # message count rather than full of live connections (slow arrivals, one
+            # message each: they move in full messages). One full of live ones is left
+            # be: moving it would only make another.
+            half = self.segment_fds // 2
+            candidates = [segment for segment in sealed
+                          if segment.closed or len(segment.members) < half]
             if candidates:
-                return max(candidates, key=lambda segment: segment.closed)
+                return min(candidates,
+                           key=lambda segment: len(segment.members) - segment.closed)
         if current.closed >= CURRENT_COMPACT_AT and current.closed > len(current.members):
             return current
         return None

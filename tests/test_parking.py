@@ -98,6 +98,27 @@ def test_closed_connections_are_compacted_away_and_the_live_ones_kept(
         sock.close()
 
 
+def test_slow_arrivals_do_not_multiply_parking_sockets(pid1, start_muxd, tmp_path) -> None:
+    """1,500 connections, one per accepting turn: a parking socket is sealed every 200
+    messages, and past four sealed ones they are merged (their connections parked again
+    in full messages), so the store keeps a handful of entries."""
+    raise_own_nofile(4000)
+    port = free_port()
+    unit = Unit(pid1, start_muxd, server_config(port), tmp_path)
+    clients = []
+    for _ in range(1500):
+        sock = connect(port)
+        assert echo_once(sock, b"x") == b"x"
+        clients.append(sock)
+    wait_until(lambda: len(park_names(pid1)) <= 6, what="at most six parking sockets")
+    new = unit.restart()
+    new.wait_log("took over 1500 connections")
+    assert len(park_names(pid1)) == 1
+    for sock in clients:
+        assert echo_once(sock, b"y") == b"y"
+        sock.close()
+
+
 def test_a_crash_brings_back_the_live_connections_and_not_the_closed_ones(
         pid1, start_muxd, tmp_path) -> None:
     """A parking socket gives back every connection parked since it was made,
