@@ -441,12 +441,17 @@ class HandOver:
         self.store = store
         self._stored_listeners = {listener.fd for listener in stored_listeners}
         self.parking = Parking(store, shared.timers, lambda: shared.now)
+        # Once per accepting turn and once per close: the parking's own methods, without
+        # a call of ours around them.
+        self.flush = self.parking.flush  # type: ignore[method-assign]
         # Unix stream connections are never parked (the kernel's unix garbage collector
         # would get involved): served, counted, closed at a restart.
         self._unix_origins = {shared.tallies[fd] for fd, listener in shared.listeners.items()
                               if listener.sock.family == socket.AF_UNIX and fd in shared.tallies}
-        self._unix: set[int] = set()
-        self.unix_total = 0
+        self.unix_total = 0  # unix stream connections admitted (never parked)
+        if not self._unix_origins:
+            self.forget = self.parking.forget  # type: ignore[method-assign]
+            self.track = self._track_tcp  # type: ignore[method-assign]
         self._armed_at: float | None = None
         self._released = False
         self._opened = False
@@ -465,29 +470,26 @@ class HandOver:
 
     # --- serving: per admitted connection, per accepting turn, per close ------
 
+    def _track_tcp(self, conn: Connection) -> None:
+        self.parking.pending.append(conn.fd)
+
     def track(self, conn: Connection) -> None:
-        if self._unix_origins and conn.origin in self._unix_origins:
-            self._unix.add(conn.fd)
+        if conn.origin in self._unix_origins:
             self.unix_total += 1
             return
         self.parking.pending.append(conn.fd)
 
     def flush(self) -> None:
-        """End of an accepting turn: one parking message per 253 connections admitted."""
+        """End of an accepting turn: one parking message per 253 connections admitted.
+        (Replaced in __init__ by Parking.flush itself: one Python call less per turn.)"""
         self.parking.flush()
 
     def forget(self, conn: Connection) -> None:
         """Before a connection is closed: a parked copy would keep it open, so it is
-        shut down first (the client sees the end)."""
-        if self._released:
-            return  # handed over: the next process owns it now
-        if self.parking.forget(conn.fd):
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already reset
-        elif self._unix:
-            self._unix.discard(conn.fd)
+        shut down first (the client sees the end). After a hand-over nothing is parked
+        here any more (Parking.release): the next process owns them. (Replaced in
+        __init__ by Parking.forget itself when no unix stream listener is served.)"""
+        self.parking.forget(conn)
 
     def forget_listener(self, listener: Listener) -> None:
         """A stored listener closed at a graceful stop stops listening now, rather
@@ -698,7 +700,7 @@ class HandOver:
             if item.fd in not_parked:
                 self.parking.unparked.add(item.fd)
             elif item.family == socket.AF_UNIX:
-                self._unix.add(item.fd)
+                self.unix_total += 1  # an older release's: never parked here
             shared.conns[conn.fd] = conn
             want = conn.wanted()
             if want < 0:  # finished in the old process's last turn: only the close is left

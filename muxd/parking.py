@@ -60,7 +60,7 @@ import socket
 import stat
 from array import array
 from collections.abc import Callable, Iterable
-from itertools import islice
+from typing import Protocol
 
 from muxd.fdstore import MAX_FDS_PER_MESSAGE, FdStore, Received, classify
 from muxd.timers import Timers
@@ -78,13 +78,23 @@ RETRY_DELAY = 1.0  # connections that could not be parked: try again this soon
 CONTROL_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array("i").itemsize)
 TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8
 _COUNTS = [bytes(n) for n in range(MAX_FDS_PER_MESSAGE + 1)]  # the payloads, made once
-_SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_SOL, _RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+_SHUT_RDWR = socket.SHUT_RDWR
+
+
+class Closing(Protocol):
+    """What ``Parking.forget`` needs of a connection (connection.Connection)."""
+
+    fd: int
+    sock: socket.socket
+_SCM = (_SOL, _RIGHTS)
 
 
 class Segment:
     """One parking socket pair: we keep the sending end, PID 1 the receiving one."""
 
-    __slots__ = ("name", "sock", "receiver", "messages", "parked", "members", "stored")
+    __slots__ = ("name", "sock", "receiver", "messages", "parked", "members", "stored",
+                 "closes", "moved")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -92,12 +102,21 @@ class Segment:
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         self.messages = 0
         self.parked = 0  # descriptors sent into it (live and dead): in flight
-        self.members: set[int] = set()  # fds of the live connections parked in it
+        # Every fd parked in it, in order, never removed (a list: appending is cheaper
+        # than a set's add and discard per connection). Which are still live and still
+        # here is Parking.where's to say; read only when the segment is replaced.
+        self.members: list[int] = []
         self.stored = False
+        self.closes = 0  # connections closed while parked here: dead copies in flight
+        self.moved = 0  # live ones parked again elsewhere (compaction)
 
     @property
     def closed(self) -> int:
-        return self.parked - len(self.members)
+        return self.closes
+
+    @property
+    def live(self) -> int:
+        return self.parked - self.closes - self.moved
 
     def close(self) -> None:
         self.sock.close()
@@ -140,6 +159,8 @@ class Parking:
         self._min_closed = min(COMPACT_MIN_CLOSED, self.segment_fds // 2)
         self._in_flight = 0
         self._pressure = False
+        self._fast: Segment | None = None  # flush's short path: see _arm_fast
+        self._fast_room = 0
 
     # --- figures ----------------------------------------------------------
 
@@ -220,13 +241,52 @@ class Parking:
         self.pending.append(fd)
 
     def flush(self) -> None:
-        """End of an accepting turn: park this turn's connections, one message per 253."""
+        """End of an accepting turn: park this turn's connections, one message per 253.
+
+        The common case (a current segment with room, nothing near a limit) is one
+        sendmsg and the bookkeeping, written out here: it runs once per accepting turn,
+        which under churn is about once per connection."""
         pending = self.pending
-        if pending:
-            self.pending = []
-            left = self._place(pending, None)
-            if left:
-                self._refuse(left)
+        if not pending:
+            return
+        self.pending = []
+        count = len(pending)
+        segment = self._fast
+        if segment is not None and count <= self._fast_room:
+            try:
+                segment.sock.sendmsg([_COUNTS[count]], [(_SOL, _RIGHTS, array("i", pending))])
+            except OSError:
+                pass  # the general path below says what it was
+            else:
+                self._fast_room -= count
+                self._in_flight += count
+                segment.parked += count
+                segment.members += pending
+                where = self.where
+                for fd in pending:
+                    where[fd] = segment
+                segment.messages += 1
+                if segment.messages >= OPEN_NEXT_AT:
+                    self._fast = None
+                return
+        self._fast = None
+        left = self._place(pending, None)
+        if left:
+            self._refuse(left)
+        else:
+            self._arm_fast()
+
+    def _arm_fast(self) -> None:
+        """Let flush take its short path while the current segment has room that no
+        limit cuts (recomputed here, after any general placement)."""
+        segment = self.segments[-1] if self.segments else None
+        if segment is None or segment is self._victim or segment.messages >= OPEN_NEXT_AT:
+            self._fast = None
+            return
+        self._fast_room = min(MAX_FDS_PER_MESSAGE,
+                              self.segment_fds * 3 // 4 - segment.parked,
+                              self.limit - self.reserve - self._in_flight)
+        self._fast = segment if self._fast_room > 0 else None
 
     def park_now(self, fds: Iterable[int]) -> list[int]:
         """Park these at once (take-over, hand-over: up to the limit itself); returns
@@ -238,6 +298,7 @@ class Parking:
         """Send ``fds`` into the current segment (moving them from ``source`` when
         compacting); returns those not parked. New connections keep ``reserve`` free
         under the limit for compaction."""
+        self._fast = None  # counts change: flush's short path is re-armed after
         where = self.where
         done = 0
         limit = self.limit - self.reserve if reserve and source is None else self.limit
@@ -269,11 +330,11 @@ class Parking:
             self._in_flight += len(batch)
             segment.messages += 1
             segment.parked += len(batch)
-            segment.members.update(batch)
+            segment.members += batch
             for fd in batch:
                 where[fd] = segment
             if source is not None:
-                source.members.difference_update(batch)
+                source.moved += len(batch)
         return fds[done:]
 
     def _refuse(self, fds: list[int]) -> None:
@@ -293,24 +354,34 @@ class Parking:
         self.unparked.update(fds)
         self._schedule(0.0 if self._pressure else RETRY_DELAY)  # at the limit: compact first
 
-    def forget(self, fd: int) -> bool:
-        """A connection is about to be closed: True if a parked copy would keep it open
-        (the caller shuts it down first)."""
+    def forget(self, conn: Closing) -> None:
+        """A connection is about to be closed. A parked copy would keep it open, so it
+        is shut down first (the client sees the end); its dead copy stays in flight
+        until its segment is replaced. Called for every close: kept short."""
+        fd = conn.fd
         segment = self.where.pop(fd, None)
         if segment is None:
             if self.unparked:
                 self.unparked.discard(fd)
             if self.pending and fd in self.pending:
                 self.pending.remove(fd)
-            return False
-        members = segment.members
-        members.discard(fd)
-        closed = segment.parked - len(members)
-        if closed > len(members) and closed >= self._min_closed and self._victim is None \
+            return
+        try:
+            conn.sock.shutdown(_SHUT_RDWR)
+        except OSError:
+            pass  # already reset
+        segment.closes += 1
+        if not segment.closes & 7:  # looked at every 8th close: enough, and cheaper
+            self._consider(segment)
+
+    def _consider(self, segment: Segment) -> None:
+        """Schedule a replacement if this segment now holds more dead than live."""
+        members = segment.live
+        closed = segment.closes
+        if closed > members and closed >= self._min_closed and self._victim is None \
                 and not self._timer_set:
             if segment is not self.segments[-1] or closed >= CURRENT_COMPACT_AT:
                 self._schedule()
-        return True
 
     # --- compaction and retries (from a timer: never within a dispatch) ----
 
@@ -330,6 +401,7 @@ class Parking:
         replaced (removing it once empty). Schedules itself again while work is left."""
         if self._removals:
             self._send_removals()
+        self._fast = None
         if self.unparked:
             retry = list(self.unparked)
             self.unparked.clear()
@@ -343,13 +415,22 @@ class Parking:
                 self._warned = False  # a later shortage is logged again
         victim = self._victim or self._choose_victim()
         if victim is not None:
-            self._victim = victim
-            moving = list(islice(victim.members, COMPACT_STEP))
+            where = self.where
+            if victim is not self._victim:
+                # Its live connections, read once: parked here and neither closed nor
+                # moved since (an fd number parked twice here counts once).
+                self._victim = victim
+                victim.members = list(dict.fromkeys(
+                    fd for fd in victim.members if where.get(fd) is victim))
+            moving = [fd for fd in victim.members[:COMPACT_STEP] if where.get(fd) is victim]
+            del victim.members[:COMPACT_STEP]
             if moving:
                 left = self._place(moving, victim)
-                if left and len(left) == len(moving):
-                    self._schedule(RETRY_DELAY)  # nowhere to move them (limit?): later
-                    return
+                if left:
+                    victim.members[:0] = left
+                    if len(left) == len(moving):
+                        self._schedule(RETRY_DELAY)  # nowhere to move them (limit?): later
+                        return
             if not victim.members:
                 self._retire(victim)
                 self._victim = None
@@ -357,6 +438,8 @@ class Parking:
             self._schedule()
         elif self.unparked:
             self._schedule(RETRY_DELAY)
+        if not self.unparked:
+            self._arm_fast()
 
     def _choose_victim(self) -> Segment | None:
         """A sealed segment with more dead than live (and enough dead to be worth it);
@@ -368,12 +451,12 @@ class Parking:
             # At the in-flight limit: free the most dead sockets whose live ones fit.
             room = self.limit - self._in_flight
             candidates = [segment for segment in self.segments
-                          if segment.closed and len(segment.members) <= room]
+                          if segment.closed and segment.live <= room]
             if candidates:
                 return max(candidates, key=lambda segment: segment.closed)
         *sealed, current = self.segments
         for segment in sealed:
-            if segment.closed > len(segment.members) and segment.closed >= self._min_closed:
+            if segment.closed > segment.live and segment.closed >= self._min_closed:
                 return segment
         if len(sealed) > MAX_SEGMENTS:
             # Merged into the current one: one with dead sockets, or one sealed by its
@@ -382,17 +465,19 @@ class Parking:
             # be: moving it would only make another.
             half = self.segment_fds // 2
             candidates = [segment for segment in sealed
-                          if segment.closed or len(segment.members) < half]
+                          if segment.closed or segment.live < half]
             if candidates:
                 return min(candidates,
-                           key=lambda segment: len(segment.members) - segment.closed)
-        if current.closed >= CURRENT_COMPACT_AT and current.closed > len(current.members):
+                           key=lambda segment: segment.live - segment.closed)
+        if current.closed >= CURRENT_COMPACT_AT and current.closed > current.live:
             return current
         return None
 
     def _retire(self, segment: Segment) -> None:
         """Out of the store (which frees it and the dead sockets in it), after every live
         connection it held was parked again elsewhere."""
+        if segment is self._fast:
+            self._fast = None
         self.segments.remove(segment)
         self._in_flight -= segment.parked
         segment.close()
@@ -413,6 +498,7 @@ class Parking:
     def release(self) -> None:
         """Hand-over: our copies go; the store keeps the segments for the next process."""
         self._in_flight = 0
+        self._fast = None
         for segment in self.segments:
             segment.close()
         if self._next is not None:
@@ -423,6 +509,7 @@ class Parking:
 
     def remove_all(self) -> None:
         """A stop: the segments leave the store (every connection has been closed)."""
+        self._fast = None
         for segment in list(self.segments):
             self._retire(segment)
         if self._next is not None:
