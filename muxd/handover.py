@@ -444,6 +444,7 @@ class HandOver:
         # Once per accepting turn and once per close: the parking's own methods, without
         # a call of ours around them.
         self.flush = self.parking.flush  # type: ignore[method-assign]
+        self._park_later = self.parking.pending.append  # the list is never replaced
         # Unix stream connections are never parked (the kernel's unix garbage collector
         # would get involved): served, counted, closed at a restart.
         self._unix_origins = {shared.tallies[fd] for fd, listener in shared.listeners.items()
@@ -471,13 +472,13 @@ class HandOver:
     # --- serving: per admitted connection, per accepting turn, per close ------
 
     def _track_tcp(self, conn: Connection) -> None:
-        self.parking.pending.append(conn.fd)
+        self._park_later(conn.fd)
 
     def track(self, conn: Connection) -> None:
         if conn.origin in self._unix_origins:
             self.unix_total += 1
             return
-        self.parking.pending.append(conn.fd)
+        self._park_later(conn.fd)
 
     def flush(self) -> None:
         """End of an accepting turn: one parking message per 253 connections admitted.

@@ -58,6 +58,7 @@ import os
 import resource
 import socket
 import stat
+import struct
 from array import array
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -79,6 +80,7 @@ CONTROL_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array("i").itemsize)
 TCP_ESTABLISHED, TCP_CLOSE_WAIT = 1, 8
 _COUNTS = [bytes(n) for n in range(MAX_FDS_PER_MESSAGE + 1)]  # the payloads, made once
 _SOL, _RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+_pack_fd = struct.Struct("i").pack  # one descriptor: cheaper than an array
 _SHUT_RDWR = socket.SHUT_RDWR
 
 
@@ -134,6 +136,7 @@ class Parking:
         self.segments: list[Segment] = []  # stored ones, oldest first; the last takes new ones
         self._next: Segment | None = None  # created, not yet in the store
         self.where: dict[int, Segment] = {}  # fd -> the segment its connection is parked in
+        self._where_pop = self.where.pop
         self.pending: list[int] = []  # tracked this turn, parked at flush
         self.unparked: set[int] = set()  # could not be parked: retried, closed at a restart
         self._removals: list[str] = []  # names whose FDSTOREREMOVE is still to be sent
@@ -157,7 +160,6 @@ class Parking:
         # be replaced, and the count brought down, however many clients reconnect.
         self.segment_fds = max(16, self.reserve)
         self._min_closed = min(COMPACT_MIN_CLOSED, self.segment_fds // 2)
-        self._in_flight = 0
         self._pressure = False
         self._fast: Segment | None = None  # flush's short path: see _arm_fast
         self._fast_room = 0
@@ -166,8 +168,9 @@ class Parking:
 
     @property
     def in_flight(self) -> int:
-        """Descriptors this process has in flight: live and dead, in all its segments."""
-        return self._in_flight
+        """Descriptors this process has in flight: live and dead, in all its segments
+        (summed when asked: there are a handful, and the per-turn path stays short)."""
+        return sum(segment.parked for segment in self.segments)
 
     def held(self, fd: int) -> bool:
         return fd in self.where
@@ -249,28 +252,28 @@ class Parking:
         pending = self.pending
         if not pending:
             return
-        self.pending = []
         count = len(pending)
         segment = self._fast
         if segment is not None and count <= self._fast_room:
             try:
-                segment.sock.sendmsg([_COUNTS[count]], [(_SOL, _RIGHTS, array("i", pending))])
+                segment.sock.sendmsg([_COUNTS[count]], [(
+                    _SOL, _RIGHTS, _pack_fd(pending[0]) if count == 1 else array("i", pending))])
             except OSError:
                 pass  # the general path below says what it was
             else:
-                self._fast_room -= count
-                self._in_flight += count
+                self._fast_room -= count  # bounds the messages too: see _arm_fast
                 segment.parked += count
+                segment.messages += 1
                 segment.members += pending
                 where = self.where
                 for fd in pending:
                     where[fd] = segment
-                segment.messages += 1
-                if segment.messages >= OPEN_NEXT_AT:
-                    self._fast = None
+                pending.clear()  # the same list: HandOver.track appends to it
                 return
         self._fast = None
-        left = self._place(pending, None)
+        fds = pending[:]
+        pending.clear()
+        left = self._place(fds, None)
         if left:
             self._refuse(left)
         else:
@@ -285,7 +288,8 @@ class Parking:
             return
         self._fast_room = min(MAX_FDS_PER_MESSAGE,
                               self.segment_fds * 3 // 4 - segment.parked,
-                              self.limit - self.reserve - self._in_flight)
+                              self.limit - self.reserve - self.in_flight,
+                              OPEN_NEXT_AT - segment.messages)  # each message takes >= 1
         self._fast = segment if self._fast_room > 0 else None
 
     def park_now(self, fds: Iterable[int]) -> list[int]:
@@ -302,14 +306,15 @@ class Parking:
         where = self.where
         done = 0
         limit = self.limit - self.reserve if reserve and source is None else self.limit
+        in_flight = self.in_flight
         while done < len(fds):
             segment = self._current()
             if segment is None:
                 break
             batch = fds[done:done + min(MAX_FDS_PER_MESSAGE,
                                         self.segment_fds - segment.parked)]
-            if self._in_flight + len(batch) > limit:
-                room = limit - self._in_flight
+            if in_flight + len(batch) > limit:
+                room = limit - in_flight
                 if room <= 0:
                     self.last_error = OSError(errno.ETOOMANYREFS, "descriptors in flight near "
                                               f"the soft RLIMIT_NOFILE ({self.limit})")
@@ -327,7 +332,7 @@ class Parking:
                     self._pressure = True  # others of our user hold some too
                 break
             done += len(batch)
-            self._in_flight += len(batch)
+            in_flight += len(batch)
             segment.messages += 1
             segment.parked += len(batch)
             segment.members += batch
@@ -359,7 +364,7 @@ class Parking:
         is shut down first (the client sees the end); its dead copy stays in flight
         until its segment is replaced. Called for every close: kept short."""
         fd = conn.fd
-        segment = self.where.pop(fd, None)
+        segment = self._where_pop(fd, None)
         if segment is None:
             if self.unparked:
                 self.unparked.discard(fd)
@@ -449,7 +454,7 @@ class Parking:
             return None
         if self._pressure:
             # At the in-flight limit: free the most dead sockets whose live ones fit.
-            room = self.limit - self._in_flight
+            room = self.limit - self.in_flight
             candidates = [segment for segment in self.segments
                           if segment.closed and segment.live <= room]
             if candidates:
@@ -479,7 +484,6 @@ class Parking:
         if segment is self._fast:
             self._fast = None
         self.segments.remove(segment)
-        self._in_flight -= segment.parked
         segment.close()
         self._removals.append(segment.name)
         self._send_removals()
@@ -497,7 +501,6 @@ class Parking:
 
     def release(self) -> None:
         """Hand-over: our copies go; the store keeps the segments for the next process."""
-        self._in_flight = 0
         self._fast = None
         for segment in self.segments:
             segment.close()
