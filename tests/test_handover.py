@@ -416,3 +416,45 @@ def test_after_a_crash_proxied_connections_count_under_no_client_not_the_balance
     assert served(port, v1(BALANCER))  # not refused as if the balancer held one
     assert served(port, v1("198.51.100.7"))  # its client is not known any more
     mine.close()
+
+
+def test_the_state_is_written_from_and_read_into_each_connections_buffer() -> None:
+    """write_state writes each pending echo straight from its buffer into the memfd and
+    read_state keeps only the header, reading each pending echo when asked; a state of
+    format 2 (no "parked") and one of format 1 read the same way."""
+    from muxd.handover import Record, encode_state, read_state, write_state
+
+    pending = [bytearray(os.urandom(size)) for size in (0, 1, 70_000)]
+    records = [Record(100 + index, 10 * index, index, data) for index, data in
+               enumerate(pending)]
+    fd = write_state(1234, "0.1.0", records, closed=2, parked=3)
+    try:
+        # The layout encode_state describes (the bytes differ only in "written").
+        whole = decode_state(os.pread(fd, os.fstat(fd).st_size, 0))
+        assert [whole.records[r.inode].pending for r in records] == pending
+        state = read_state(os.dup(fd))
+    finally:
+        os.close(fd)
+    assert state.parked == 3 and state.closed == 2 and state.pending_bytes == 70_001
+    for record, data in zip(records, pending, strict=True):
+        read = state.records[record.inode]
+        assert read.pending == b"" and state.read_pending(read) == data
+    state.close()
+    def format_2(data: bytes) -> bytes:
+        """As the release before parking wrote it: the same, without "parked"."""
+        (length,) = struct.unpack_from("!Q", data, len(STATE_MAGIC))
+        start = len(STATE_MAGIC) + 8
+        header = json.loads(data[start:start + length])
+        del header["parked"]
+        header["format"] = 2
+        text = json.dumps(header).encode()
+        return STATE_MAGIC + struct.pack("!Q", len(text)) + text + data[start + length:]
+
+    for older in (format_1, format_2):
+        text = older(encode_state(1234, "0.1.0", records, closed=2, parked=3))
+        copy = os.memfd_create("older")
+        os.write(copy, text)
+        state = read_state(copy)
+        assert state.parked == -1
+        assert [state.read_pending(state.records[r.inode]) for r in records] == pending
+        state.close()
