@@ -344,6 +344,8 @@ class Inheritance:
     # A foreign descriptor stored under one of muxd's own names: only removing
     # the whole name takes it out of the store (and the rest is stored again).
     restore_names: set[str] = field(default_factory=set)
+    # Names whose removal PID 1's full queue refused: sent again by the parking.
+    removals: list[str] = field(default_factory=list)
 
 
 def is_store_name(name: str) -> bool:
@@ -375,7 +377,7 @@ def sort_inherited(items: list[Received], store: FdStore | None) -> Inheritance:
                 # Out of the store at once, like the state: once admitted, such a
                 # connection is stored again under "conn"; until then it is not
                 # stored (a crash ends it, as it ends any still waiting).
-                store.remove(WAITING_NAME)
+                _remove(store, WAITING_NAME, found)
                 removed.add(WAITING_NAME)
             if item.kind == "stream" and item.family in (socket.AF_INET, socket.AF_INET6):
                 found.waiting.append(item)
@@ -389,11 +391,11 @@ def sort_inherited(items: list[Received], store: FdStore | None) -> Inheritance:
                 found.segments.append(item)
                 continue
             if store is not None:
-                store.remove(item.name)
+                _remove(store, item.name, found)
             _drop(found, item, "stored as a parking socket but is not one")
         elif item.name.startswith(STATE_PREFIX):
             if store is not None:
-                store.remove(item.name)  # read once: a later crash must not replay it
+                _remove(store, item.name, found)  # read once: a crash must not replay it
             if item.kind != "file":
                 _drop(found, item, "stored as hand-over state but is not a file")
                 continue
@@ -415,6 +417,11 @@ def sort_inherited(items: list[Received], store: FdStore | None) -> Inheritance:
             logger.warning("%d hand-over states inherited; used the one of PID %d",
                            len(states), found.state.pid)
     return found
+
+
+def _remove(store: FdStore, name: str, found: Inheritance) -> None:
+    if not store.remove(name):
+        found.removals.append(name)  # take_over has the parking send it again
 
 
 def _drop(found: Inheritance, item: Received, why: str) -> None:
@@ -627,6 +634,8 @@ class HandOver:
         records = state.records if state else {}
         waiting_records = state.waiting if state else {}
         self.open()
+        for name in inherited.removals:
+            self.parking.remove_later(name)
         seen: set[tuple[int, int]] = set()
         legacy = []
         for item in inherited.connections:
@@ -647,12 +656,12 @@ class HandOver:
         parkable = [item.fd for item in items if item.family != socket.AF_UNIX]
         not_parked = set(self.parking.park_now(parkable))
         for item in inherited.segments:
-            self.store.remove(item.name)
+            self.parking.remove_later(item.name)
             os.close(item.fd)
         if inherited.connections or CONNECTION_NAME in inherited.restore_names:
             # The older release's entries, one each (or something foreign under that
             # name): all parked now, so the whole name goes.
-            self.store.remove(CONNECTION_NAME)
+            self.parking.remove_later(CONNECTION_NAME)
         # A format-1 state, or none (a crash), does not say which client a header
         # named: with proxy_protocol on, a connection's socket peer is the
         # balancer, so one not in a format-2 state is taken over as one whose

@@ -488,6 +488,14 @@ class Parking:
         self._removals.append(segment.name)
         self._send_removals()
 
+    def remove_later(self, name: str) -> None:
+        """Ask PID 1 to remove ``name`` now, or from the next step if its queue is full
+        (in order: after everything stored before)."""
+        self._removals.append(name)
+        self._send_removals()
+        if self._removals:
+            self._schedule(0.01)
+
     def _send_removals(self) -> None:
         while self._removals:
             if not self.store.remove(self._removals[0]):
