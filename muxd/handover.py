@@ -40,8 +40,9 @@ How a connection survives:
 * **Taking over** (``take_over``): a fresh parking socket is stored first,
   every inherited one is read out (parking.unpark: duplicates and connections
   the old process had closed are dropped), the live connections are parked in
-  the fresh one in full messages, and only then are the old ones removed from
-  the store. An upgrade from the release that stored each connection as
+  the fresh one as they are read, in full messages, and only then are the old
+  ones removed from the store (a crash in between loses at most the batch in
+  hand, up to 253). An upgrade from the release that stored each connection as
   ``conn`` takes those over the same way and then removes the name.
 
 What a crash loses (README, "Restarts, upgrades and crashes"): per connection, the
@@ -625,9 +626,9 @@ class HandOver:
         """Serve the connections of the previous process, with their echo state and,
         behind a balancer, the client each one's header named; give those still
         waiting for a header to ``waiting_room``. Everything inherited is parked in a
-        fresh parking socket before the old ones (and an older release's ``conn``
-        entries) leave the store: a crash at any point leaves each connection in at
-        least one of them."""
+        fresh parking socket, as it is read (253 at a time), before the old ones (and
+        an older release's ``conn`` entries) leave the store: a crash in the middle
+        loses at most the batch in hand."""
         shared = self.shared
         config = shared.config
         state = inherited.state
@@ -645,16 +646,17 @@ class HandOver:
                 continue
             seen.add(key)
             legacy.append(item)
-        found = unpark(inherited.segments, seen)
+        # Parked again as they are read, message by message (those still waiting for a
+        # header are not: as in the old process, they are parked once admitted); an
+        # older release's "conn" entries right after.
+        found = unpark(inherited.segments, seen, self.parking.park_now, set(waiting_records))
         waiting_items = list(inherited.waiting)
         items = []
         for item in [*legacy, *found.live]:
             (waiting_items if item.inode in waiting_records and item.name == "parked"
              else items).append(item)
-        # Parked again before anything else (those still waiting for a header are not:
-        # as in the old process, they are parked once admitted).
-        parkable = [item.fd for item in items if item.family != socket.AF_UNIX]
-        not_parked = set(self.parking.park_now(parkable))
+        parkable = [item.fd for item in legacy if item.family != socket.AF_UNIX]
+        not_parked = set(self.parking.park_now(parkable)) | found.not_parked
         for item in inherited.segments:
             self.parking.remove_later(item.name)
             os.close(item.fd)

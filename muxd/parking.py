@@ -540,6 +540,7 @@ class Unparked:
         self.duplicates = 0
         self.ended = 0  # connections the old process had closed (or their client had)
         self.foreign = 0  # descriptors that are not TCP connections
+        self.not_parked: set[int] = set()  # live ones unpark's ``park`` could not park
 
 
 def is_parking_name(name: str) -> bool:
@@ -556,11 +557,18 @@ def is_segment(item: Received) -> bool:
         probe.detach()
 
 
-def unpark(segments: Iterable[Received], seen: set[tuple[int, int]]) -> Unparked:
+def unpark(segments: Iterable[Received], seen: set[tuple[int, int]],
+           park: Callable[[list[int]], list[int]] | None = None,
+           skip: frozenset[int] | set[int] = frozenset()) -> Unparked:
     """Receive every connection parked in ``segments`` (their descriptors stay open:
     the caller removes their names once the connections are parked again). ``seen``:
-    (st_dev, st_ino) of connections already had; added to."""
+    (st_dev, st_ino) of connections already had; added to. ``park``: called with the
+    live ones as they are read, in full messages (but those whose inode is in
+    ``skip``), so that between a connection leaving an old segment and entering the
+    new one there are at most 253 connections' worth of work, not the whole
+    take-over; those it could not park are in ``not_parked``."""
     found = Unparked()
+    batch: list[int] = []  # read, live, not parked yet: full messages of the new segment
     for item in segments:
         sock = socket.socket(fileno=item.fd)
         try:
@@ -580,10 +588,18 @@ def unpark(segments: Iterable[Received], seen: set[tuple[int, int]]) -> Unparked
                     break  # the queue is empty (its writer is gone)
                 if flags & socket.MSG_CTRUNC or len(fds) < len(data):
                     found.lost += max(0, len(data) - len(fds))
+                start = len(found.live)
                 for fd in fds:
                     _sift(fd, seen, found)
+                if park is not None:
+                    batch += [item.fd for item in found.live[start:] if item.inode not in skip]
+                    if len(batch) >= MAX_FDS_PER_MESSAGE:
+                        found.not_parked.update(park(batch))
+                        batch = []
         finally:
             sock.detach()  # the caller closes it, once the names are removed
+    if batch and park is not None:
+        found.not_parked.update(park(batch))
     if found.lost:
         logger.error("%d parked connection(s) lost at take-over: the kernel could not install "
                      "their descriptors (MSG_CTRUNC; RLIMIT_NOFILE too low?)", found.lost)
