@@ -448,7 +448,9 @@ class HandOver:
         self.shared = shared
         self.store = store
         self._stored_listeners = {listener.fd for listener in stored_listeners}
-        self.parking = Parking(store, shared.timers, lambda: shared.now)
+        # The store's room: the listeners, the state at a hand-over, and parking sockets.
+        self.parking = Parking(store, shared.timers, lambda: shared.now,
+                               max(1, capacity - len(self._stored_listeners) - 1))
         # Once per accepting turn and once per close: the parking's own methods, without
         # a call of ours around them.
         self.flush = self.parking.flush  # type: ignore[method-assign]

