@@ -37,6 +37,7 @@ from typing import Any
 from bench import OUT_DIR, REPO_ROOT
 from bench.build import LOADGEN_SOURCE, compiled
 from bench.fakestore import FakeStore
+from bench.procstat import open_fd_count
 from bench.runner import pick_cores
 from bench.servers import free_port, pin_to_core, stop_process
 
@@ -54,6 +55,7 @@ level = info
 READY_TIMEOUT_S = 60.0
 HOLD_TIMEOUT_S = 180.0
 TAKEOVER = re.compile(r"took over (\d+) connections")
+STATE_NAME = re.compile(r"state-\d+")
 
 
 class RestartFailed(RuntimeError):
@@ -66,6 +68,10 @@ class Restart:
     handover_s: float  # SIGTERM to the old process's exit
     start_s: float  # the new process's exec to its READY=1
     taken_over: int  # from its log line
+    # CPU time (user + system), which a busy machine does not stretch the way it does the
+    # seconds above: the old process's from SIGTERM to its exit, the new one's to READY=1.
+    handover_cpu_s: float = 0.0
+    start_cpu_s: float = 0.0
 
 
 class Pid1:
@@ -112,6 +118,7 @@ def restart_once(pid1: Pid1, old: int, argv: list[str], env: dict[str, str], cor
     store.drain()
     # The stop hook's signal, then systemd's SIGTERM (muxd takes SIGURG first).
     os.kill(old, signal.SIGURG)
+    cpu_before = _cpu_s(old)
     sent = time.monotonic()
     os.kill(old, signal.SIGTERM)
     pid1.wait(lambda: old in store.exited, f"muxd {old} to exit", READY_TIMEOUT_S)
@@ -121,7 +128,29 @@ def restart_once(pid1: Pid1, old: int, argv: list[str], env: dict[str, str], cor
     launched = time.monotonic()
     new = _start(pid1, argv, env, core, log)
     ready = pid1.ready[new]
-    return new, Restart(ready - sent, exited - sent, ready - launched, _taken_over(log))
+    return new, Restart(ready - sent, exited - sent, ready - launched, _taken_over(log),
+                        store.cpu_s[old] - cpu_before, _cpu_s(new))
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a running process, from /proc (one clock tick's resolution)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_held(pid1: Pid1, pid: int, baseline: int, conns: int,
+              timeout: float = HOLD_TIMEOUT_S) -> None:
+    """Until muxd `pid` has accepted `conns` connections (its own descriptor table: a
+    client's connect() completes before the accept) and has put each where the next
+    process will find it: one store entry per connection (muxd up to d9e4aa9), or none
+    (parking: a few parking sockets hold them all, filled in the accepting turn).
+    `baseline`: its open descriptors before the first connection."""
+    pid1.wait(lambda: open_fd_count(pid) >= baseline + conns,
+              f"muxd to accept {conns} connections", timeout)
+    pid1.store.drain()
+    pid1.wait(lambda: pid1.store.held("conn") in range(1) or pid1.store.held("conn") >= conns,
+              f"{conns} connections in the store", timeout)
 
 
 def _raise_nofile(wanted: int) -> None:
@@ -176,24 +205,28 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
         current = 0
         try:
             current = _start(pid1, argv, env, server_core, log)
+            baseline = open_fd_count(current)
             client = _loadgen(port, conns, size, current, client_core)
             line = _line_from(pid1, client, HOLD_TIMEOUT_S)
             if not line.startswith("READY"):
                 raise RestartFailed(f"load client: expected READY, got {line!r}")
-            pid1.wait(lambda: store.held("conn") >= conns,
-                      f"{conns} connections in the store", HOLD_TIMEOUT_S)
+            wait_held(pid1, current, baseline, conns)
             print(f"holding {conns:,} connections (the store has {store.held('conn'):,}); "
                   f"{reps} restarts", file=sys.stderr, flush=True)  # fmt: skip
             for rep in range(reps):
                 current, result = restart_once(pid1, current, argv, env, server_core, log)
                 restarts.append(result)
                 print(f"  restart {rep + 1}: {result.total_s:.3f} s (hand-over "
-                      f"{result.handover_s:.3f} s, start {result.start_s:.3f} s), took over "
+                      f"{result.handover_s:.3f} s, start {result.start_s:.3f} s; CPU "
+                      f"{result.handover_cpu_s:.2f} + {result.start_cpu_s:.2f} s), took over "
                       f"{result.taken_over:,}", file=sys.stderr, flush=True)  # fmt: skip
                 if result.taken_over != conns:
                     raise RestartFailed(f"took over {result.taken_over} of {conns} connections")
-                if any(name.startswith("state-") for name in store.stored.values()):
-                    raise RestartFailed("the hand-over state was not removed from the store")
+                store.drain()  # what the new process sent up to its READY=1
+                # (state-<pid>: the state memfd; parking sockets are state-park-*)
+                if any(STATE_NAME.fullmatch(name) for name in store.stored.values()):
+                    raise RestartFailed("the hand-over state was not removed from the store: "
+                                        f"{sorted(set(store.stored.values()))}")
             assert client.stdin is not None
             client.stdin.write("GO\n")
             client.stdin.flush()
@@ -222,7 +255,8 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
         "echoed_after": echoed,
         "restarts": [asdict(r) for r in restarts],
         "summary": {key: _spread([getattr(r, key) for r in restarts])
-                    for key in ("total_s", "handover_s", "start_s")},
+                    for key in ("total_s", "handover_s", "start_s", "handover_cpu_s",
+                                "start_cpu_s")},
     }  # fmt: skip
 
 
@@ -251,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.conns:,} connections held, {args.reps} restarts "
           f"(SIGURG+SIGTERM to READY=1 of the next muxd), seconds, median [min-max]:")
     for key, label in (("total_s", "SIGTERM to READY=1"), ("handover_s", "  old: SIGTERM to exit"),
-                       ("start_s", "  new: exec to READY=1")):  # fmt: skip
+                       ("start_s", "  new: exec to READY=1"),
+                       ("handover_cpu_s", "CPU: old, SIGTERM to exit"),
+                       ("start_cpu_s", "CPU: new, exec to READY=1")):  # fmt: skip
         s = summary[key]
-        print(f"  {label:<24} {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]")
+        print(f"  {label:<26} {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]")
     print(f"every connection echoed afterwards: {result['echoed_after']:,}/{args.conns:,}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -131,10 +131,12 @@ def _note_store(sample: Sample, server: RunningServer) -> str | None:
         return "the file descriptor store reported nothing"
     sample["store"] = stats
     held = stats["held_by_name"].get("conn", 0)
-    if sample.get("churn_completed"):
-        # Connections that ended before their batch reached the store (PID 1's queue was
-        # full, muxd retries 10 ms later) are never stored: a crash would lose them.
-        stored = stats["received_by_name"].get("conn", 0)
+    stored = stats["received_by_name"].get("conn", 0)
+    if sample.get("churn_completed") and stored:
+        # A muxd that stores each connection (before parking, muxd/parking.py):
+        # connections that ended before their batch reached the store (PID 1's queue was
+        # full, muxd retries 10 ms later) are never stored: a crash would lose them. A
+        # parking muxd gives the store a few parking sockets instead ("-" here).
         sample["stored_pct"] = min(100.0, 100.0 * stored / sample["churn_completed"])
     if not stats["received"]:
         return "hand-over was off: the file descriptor store received nothing"

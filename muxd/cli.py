@@ -24,6 +24,7 @@ from muxd.listeners import (
 )
 from muxd.logs import logger, set_level, setup_logging, stderr_is_journal
 from muxd.notify import Notifier
+from muxd.parking import unpark
 from muxd.pollers import create_poller
 from muxd.resources import raise_nofile
 from muxd.signals import hold_until_handled
@@ -32,6 +33,9 @@ from muxd.udp import UdpEndpoint, bind_udp, inherited_endpoint
 EX_USAGE = 64
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
+# Entries an older release's store may pass at an upgrade: one per connection, up to the
+# FileDescriptorStoreMax= it shipped with (10240) and more if an operator raised it.
+LEGACY_STORE_ENTRIES = 65536
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,12 +214,20 @@ def _take_stored(handover: _HandoverSetup, stored: list[tuple[int, str]]) -> Non
     items = [classify(fd, name) for fd, name in stored]
     inheritance = handover.inheritance = sort_inherited(items, handover.open_store())
     if not handover.enabled:
-        connections = inheritance.connections + inheritance.waiting
+        parked = unpark(inheritance.segments, set())
+        connections = inheritance.connections + inheritance.waiting + parked.live
         if connections:
             logger.warning("closed %d connection(s) handed over by the previous process: "
                            "[server] handover is off here", len(connections))
         for item in connections:
             _release(item)
+        for item in inheritance.segments:
+            if handover.store is not None:
+                handover.store.remove(item.name)
+            os.close(item.fd)
+        inheritance.segments.clear()
+        if inheritance.state is not None:
+            inheritance.state.close()
         for item in inheritance.own_listeners:
             drop(item, "[server] handover is off")
         inheritance.connections.clear()
@@ -235,7 +247,9 @@ def _inherited_sockets(handover: _HandoverSetup
     (the config's addresses are then not bound), or None when not activated.
     What muxd's own store passed back is sorted into ``handover.inheritance``."""
     required = socket_activation_required()
-    found = inherited_sockets(is_store_name, handover.capacity)
+    # The store may still hold one entry per connection, from the release before
+    # parking (an upgrade): not only as many as the store's size now.
+    found = inherited_sockets(is_store_name, max(handover.capacity, LEGACY_STORE_ENTRIES))
     if found is None:
         if required:
             raise no_socket_passed()

@@ -3,34 +3,53 @@ through systemd's file descriptor store (the protocol itself is fdstore.py).
 
 How a connection survives:
 
-* **Stored when accepted.** Each accepted connection is queued by ``track``
-  and sent to the store with the others of its loop turn (``flush``, called
-  once per accepting turn, never per message). A crash leaves no time to store
-  anything, so this is what makes a ``kill -9`` or a watchdog kill survivable.
-* **Removed when closed.** ``forget`` shuts the socket down before the loop
-  closes it: PID 1 sees the hang-up and drops its copy, so the peer sees the
-  end. (FDSTOREREMOVE would need a unique name per connection, which would
-  make batching impossible: a message carries one name.)
+* **Parked when accepted.** Each accepted connection is noted by ``track`` and
+  sent, with the others of its loop turn, into a parking socket that systemd's
+  store holds once (``flush``, once per accepting turn, never per message;
+  parking.py). The store holds the listeners, a few parking sockets and, at a
+  hand-over, the state: never one entry per connection. A crash leaves no time
+  to store anything, so this is what makes a ``kill -9`` or a watchdog kill
+  survivable.
+* **Shut down when closed.** ``forget`` shuts a parked socket down before the
+  loop closes it: the parked copy would otherwise keep it open, and the peer
+  would never see the end. Its dead copy goes when its parking socket is
+  replaced (compaction, parking.py).
+* **Not parked** (a unix stream connection, or the kernel's in-flight limit):
+  served all the same, counted (``unstored_open``), retried, and closed
+  gracefully at a restart (echo owed sent as far as the socket takes it, then
+  the end).
 * **Restart or stop.** SIGTERM looks the same for both. The unit's root stop
   hook signals ``RESTART_SIGNAL`` (SIGURG) just before systemd's SIGTERM when
   the job is a restart; a SIGTERM within ``ARM_WINDOW`` seconds of it hands
-  over (``hand_over``), any other SIGTERM is today's graceful stop.
+  over (``hand_over``), any other SIGTERM is today's graceful stop (which also
+  removes the parking sockets from the store once every connection is closed).
 * **State that is not a descriptor** (pending echo, pause, half-close, byte
   counts, and behind a balancer the client its PROXY header named) is written
-  at hand-over into a memfd stored as ``state-<pid>``, keyed by socket inode.
-  The next process reads it once (``pread`` at 0: the offset is shared with
-  the old copy), asks the store to remove it, and ignores it (with a log
-  line) if it does not parse. Its format: see ``encode_state``.
+  at hand-over into a memfd stored as ``state-<pid>``, keyed by socket inode:
+  each connection's pending echo straight from its buffer, read back by the
+  next process straight into the new connection's buffer (``write_state``,
+  ``read_state``), so neither process holds more than the pending echo itself
+  plus a small constant. The next process reads it once (``pread``: the offset
+  is shared with the old copy), asks the store to remove it, and ignores it
+  (with a log line) if it does not parse. Its format: see ``write_state``.
 * **Waiting for a PROXY header.** A connection whose header has not arrived
-  (or not whole) is not served yet, so it is not stored while serving; at
-  hand-over it is stored as ``state-wait`` with the header bytes read so far,
-  and the next process's waiting room (proxy_wait.py) reads on from there.
+  (or not whole) is not served yet, so it is not parked while serving; at
+  hand-over it is parked with the others and named in the state's ``waiting``
+  with the header bytes read so far, and the next process's waiting room
+  (proxy_wait.py) reads on from there.
+* **Taking over** (``take_over``): a fresh parking socket is stored first,
+  every inherited one is read out (parking.unpark: duplicates and connections
+  the old process had closed are dropped), the live connections are parked in
+  the fresh one as they are read, in full messages, and only then are the old
+  ones removed from the store (a crash in between loses at most the batch in
+  hand, up to 253). An upgrade from the release that stored each connection as
+  ``conn`` takes those over the same way and then removes the name.
 
 What a crash loses (README, "Restarts, upgrades and crashes"): per connection, the
 echo muxd held in memory at that instant: its pending echo and the chunk
 being echoed, together at most ``buffer_size`` (connection.py bounds them).
 Also the connections accepted in the turn of the crash, before their batch
-was sent, and the connections still waiting for a PROXY header (never stored
+was parked, and the connections still waiting for a PROXY header (never parked
 before a hand-over). Every byte the kernel holds (unread input, unacknowledged
 echo) survives. Behind a balancer, the clients the headers named were only in
 memory: with ``proxy_protocol`` on, a connection taken over without them is
@@ -40,9 +59,9 @@ address, counted under no client), never as the balancer's own.
 Of the shared state (state.py) it may: add the connections it takes over to
 the connection table, the poller and the per-client counts; at a hand-over,
 set ``stopping``, close listeners and endpoints, and empty the table without
-closing the connections (the store keeps them); take the waiting room's
+closing the connections (their parked copies keep them); take the waiting room's
 connections at a hand-over and give them back to it at a take-over; schedule
-its retry timer. It is ``Shared.kept``: told of every connection admitted and
+its parking's timers. It is ``Shared.kept``: told of every connection admitted and
 closed. Its figures (``figures``) are counted at take-over and hand-over, or
 at scrape time, never per message.
 """
@@ -56,7 +75,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -64,6 +83,7 @@ from muxd.access import client_address, client_group
 from muxd.connection import Close, Connection
 from muxd.fdstore import FdStore, Received, drop, release
 from muxd.listeners import Listener
+from muxd.parking import Parking, inode_key, is_parking_name, is_segment, unpark
 from muxd.state import Shared
 
 if TYPE_CHECKING:
@@ -83,10 +103,11 @@ STATE_PREFIX = "state-"
 # the header); a "state-" name it removes, and closes the socket as not a file.
 WAITING_NAME = STATE_PREFIX + "wait"
 STATE_MAGIC = b"muxd-handover-1\n"
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 RETRY_DELAY = 0.01  # PID 1's queue was full: try the batch again this soon
 
 PAUSED, READ_CLOSED, PEER_FINISHED = 1, 2, 4
+WRITE_CHUNK = 1 << 20  # os.write takes at most this per call (a view: no copy)
 
 
 class StateError(ValueError):
@@ -98,10 +119,19 @@ class Record:
     inode: int
     bytes_in: int
     flags: int
-    pending: bytes
+    # The pending echo: the connection's own buffer when written (never copied), the
+    # bytes when decoded from bytes, empty when read from a state file (``size`` and
+    # ``offset`` say where it is: ``State.read_pending`` reads it into a buffer).
+    pending: bytes | bytearray
     # Connection.client: None (no PROXY header), () (it named no client, or
     # that was lost), or (host, port). None too in a format-1 state.
     client: tuple | None = None
+    size: int = -1
+    offset: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.pending) if self.size < 0 else self.size
 
 
 @dataclass
@@ -122,37 +152,40 @@ class State:
     records: dict[int, Record]  # by socket inode
     format: int = STATE_FORMAT
     waiting: dict[int, WaitingRecord] = field(default_factory=dict)  # by socket inode
-    closed: int = 0  # connections the writer closed at hand-over: not in the store
+    closed: int = 0  # connections the writer closed at hand-over: not kept
     # The writer's hand-over totals (HandOver.totals), carried on so that the
     # muxd_handover_* counters never go back at a restart (format 2; else 0s).
     totals: dict[str, int] = field(default_factory=dict)
+    parked: int = -1  # connections the writer parked (format 3; else -1: unknown)
+    fd: int = -1  # the state file the pending echo is read from (read_state)
 
     @property
     def pending_bytes(self) -> int:
-        return sum(len(record.pending) for record in self.records.values())
+        return sum(record.length for record in self.records.values())
+
+    def read_pending(self, record: Record) -> bytearray:
+        """A record's pending echo, read from the state file straight into a new buffer."""
+        if self.fd < 0 or record.size < 0:
+            return bytearray(record.pending)
+        buffer = bytearray(record.size)
+        view = memoryview(buffer)
+        done = 0
+        while done < record.size:
+            count = os.preadv(self.fd, [view[done:]], record.offset + done)
+            if count <= 0:
+                raise StateError("the state file ended inside a pending echo")
+            done += count
+        return buffer
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def encode_state(pid: int, version: str, records: Iterable[Record],
-                 waiting: Iterable[WaitingRecord] = (), closed: int = 0,
-                 totals: dict[str, int] | None = None) -> bytes:
-    """The state memfd's contents: ``STATE_MAGIC``, the length of a JSON header
-    (8 bytes, big-endian), the header, then every connection's pending echo in
-    the order of its ``connections`` entries ([inode, bytes in, flags, pending
-    length]).
-
-    Versioning: the magic names that layout, and a reader that does not know
-    the magic ignores the whole state. The header's ``format`` counts what was
-    *added* to it, as keys an older reader skips without harm: format 1 (no
-    ``format`` key) is the layout alone; format 2 adds ``clients`` (the client
-    each proxied connection's PROXY header named: [inode, host, port], host and
-    port null when it named none), ``waiting`` (connections stored as
-    ``WAITING_NAME``: [inode, seconds waited, bytes taken, header read so far
-    in hex], ``closed`` (connections closed at hand-over, not in the store) and
-    ``totals`` (the writer's hand-over counters, carried on). A change an older
-    reader could not skip (a field of ``connections``, bytes after the pending
-    echo) needs a new magic."""
-    records = list(records)
-    header = json.dumps({
+def _header(pid: int, version: str, records: list[Record], waiting: Iterable[WaitingRecord],
+            closed: int, totals: dict[str, int] | None, parked: int) -> bytes:
+    return json.dumps({
         "format": STATE_FORMAT, "pid": pid, "version": version,
         "written": time.clock_gettime(time.CLOCK_BOOTTIME),
         "connections": [[r.inode, r.bytes_in, r.flags, len(r.pending)] for r in records],
@@ -161,30 +194,114 @@ def encode_state(pid: int, version: str, records: Iterable[Record],
         "waiting": [[w.inode, round(w.waited, 3), w.taken, w.header.hex()] for w in waiting],
         "closed": closed,
         "totals": totals or {},
+        "parked": parked,
     }).encode()
+
+
+def encode_state(pid: int, version: str, records: Iterable[Record],
+                 waiting: Iterable[WaitingRecord] = (), closed: int = 0,
+                 totals: dict[str, int] | None = None, parked: int = 0) -> bytes:
+    """The state's contents as bytes (tests; muxd itself streams it: ``write_state``):
+    ``STATE_MAGIC``, the length of a JSON header (8 bytes, big-endian), the header,
+    then every connection's pending echo in the order of its ``connections`` entries
+    ([inode, bytes in, flags, pending length]).
+
+    Versioning: the magic names that layout, and a reader that does not know
+    the magic ignores the whole state. The header's ``format`` counts what was
+    *added* to it, as keys an older reader skips without harm: format 1 (no
+    ``format`` key) is the layout alone; format 2 adds ``clients`` (the client
+    each proxied connection's PROXY header named: [inode, host, port], host and
+    port null when it named none), ``waiting`` (connections waiting for their
+    PROXY header: [inode, seconds waited, bytes taken, header read so far in
+    hex], ``closed`` (connections closed at hand-over, not kept) and ``totals``
+    (the writer's hand-over counters, carried on); format 3 adds ``parked`` (how
+    many connections the writer left parked: the connections are in parking
+    sockets now, not stored one by one). A change an older reader could not skip
+    (a field of ``connections``, bytes after the pending echo) needs a new magic."""
+    records = list(records)
+    header = _header(pid, version, records, waiting, closed, totals, parked)
     return b"".join([STATE_MAGIC, struct.pack("!Q", len(header)), header,
                      *(r.pending for r in records)])
 
 
+def write_state(pid: int, version: str, records: list[Record],
+                waiting: Iterable[WaitingRecord] = (), closed: int = 0,
+                totals: dict[str, int] | None = None, parked: int = 0) -> int:
+    """A memfd holding ``encode_state``'s layout, written piece by piece: each pending
+    echo straight from its connection's buffer, never joined or copied."""
+    fd = os.memfd_create("muxd-handover", os.MFD_CLOEXEC)
+    try:
+        header = _header(pid, version, records, waiting, closed, totals, parked)
+        _write_all(fd, STATE_MAGIC + struct.pack("!Q", len(header)))
+        _write_all(fd, header)
+        del header
+        for record in records:
+            if record.pending:
+                _write_all(fd, record.pending)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view[:WRITE_CHUNK]):]
+
+
 def decode_state(data: bytes) -> State:
-    """Read a state of format 1 or later (``encode_state``); StateError if damaged."""
-    if not data.startswith(STATE_MAGIC):
+    """Read a state of format 1 or later from bytes (``encode_state``); StateError if
+    damaged."""
+    return _parse(lambda offset, size: data[offset:offset + size], len(data), lazy=False)
+
+
+def read_state(fd: int) -> State:
+    """Read a state file's header; the pending echoes stay in the file until
+    ``State.read_pending`` (the State keeps ``fd``: ``State.close`` closes it)."""
+    size = os.fstat(fd).st_size
+
+    def read(offset: int, count: int) -> bytes:
+        chunks = []
+        while count > 0:
+            chunk = os.pread(fd, count, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            count -= len(chunk)
+        return b"".join(chunks)
+
+    state = _parse(read, size, lazy=True)
+    state.fd = fd
+    return state
+
+
+def _parse(read: Callable[[int, int], bytes], total: int, lazy: bool) -> State:
+    if read(0, len(STATE_MAGIC)) != STATE_MAGIC:
         raise StateError("not a muxd hand-over state (no magic)")
     offset = len(STATE_MAGIC)
     try:
-        (length,) = struct.unpack_from("!Q", data, offset)
+        (length,) = struct.unpack("!Q", read(offset, 8))
         offset += 8
-        header = json.loads(data[offset:offset + length])
+        if length > total - offset:
+            raise StateError("damaged header (its length runs past the end of the state)")
+        header = json.loads(read(offset, length))
         offset += length
         pid, version = int(header["pid"]), str(header["version"])
         written = float(header["written"])
         state_format = int(header.get("format", 1))
         records: dict[int, Record] = {}
         for inode, bytes_in, flags, size in header["connections"]:
-            if size < 0 or offset + size > len(data):
+            size = int(size)
+            if size < 0 or offset + size > total:
                 raise StateError("pending echo runs past the end of the state")
-            records[int(inode)] = Record(int(inode), int(bytes_in), int(flags),
-                                         data[offset:offset + size])
+            if lazy:
+                record = Record(int(inode), int(bytes_in), int(flags), b"", size=size,
+                                offset=offset)
+            else:
+                record = Record(int(inode), int(bytes_in), int(flags), read(offset, size))
+            records[int(inode)] = record
             offset += size
         for inode, host, port in header.get("clients", ()):
             record = records.get(int(inode))
@@ -204,34 +321,14 @@ def decode_state(data: bytes) -> State:
         closed = max(0, int(header.get("closed", 0)))
         totals = {str(name): max(0, int(value))
                   for name, value in header.get("totals", {}).items()}
+        parked = int(header.get("parked", -1))
     except StateError:
         raise
     except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise StateError(f"damaged header ({err})") from None
-    if offset != len(data):
-        raise StateError(f"{len(data) - offset} unexpected bytes after the pending echo")
-    return State(pid, version, written, records, state_format, waiting, closed, totals)
-
-
-def write_memfd(data: bytes) -> int:
-    fd = os.memfd_create("muxd-handover", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    return fd
-
-
-def read_memfd(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    chunks = []
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, size - offset, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+    if offset != total:
+        raise StateError(f"{total - offset} unexpected bytes after the pending echo")
+    return State(pid, version, written, records, state_format, waiting, closed, totals, parked)
 
 
 @dataclass
@@ -239,13 +336,17 @@ class Inheritance:
     """What the previous process left in the store, sorted."""
 
     own_listeners: list[Received] = field(default_factory=list)  # stored by muxd, name "listen"
-    connections: list[Received] = field(default_factory=list)  # stored by muxd, name "conn"
-    waiting: list[Received] = field(default_factory=list)  # name WAITING_NAME
+    # Stored one by one by the release before parking (name "conn"): an upgrade from it.
+    connections: list[Received] = field(default_factory=list)
+    waiting: list[Received] = field(default_factory=list)  # name WAITING_NAME (ditto)
+    segments: list[Received] = field(default_factory=list)  # parking sockets (parking.py)
     state: State | None = None
     dropped: int = 0
     # A foreign descriptor stored under one of muxd's own names: only removing
     # the whole name takes it out of the store (and the rest is stored again).
     restore_names: set[str] = field(default_factory=set)
+    # Names whose removal PID 1's full queue refused: sent again by the parking.
+    removals: list[str] = field(default_factory=list)
 
 
 def is_store_name(name: str) -> bool:
@@ -277,36 +378,51 @@ def sort_inherited(items: list[Received], store: FdStore | None) -> Inheritance:
                 # Out of the store at once, like the state: once admitted, such a
                 # connection is stored again under "conn"; until then it is not
                 # stored (a crash ends it, as it ends any still waiting).
-                store.remove(WAITING_NAME)
+                _remove(store, WAITING_NAME, found)
                 removed.add(WAITING_NAME)
             if item.kind == "stream" and item.family in (socket.AF_INET, socket.AF_INET6):
                 found.waiting.append(item)
                 continue
             _drop(found, item, "stored as waiting for a PROXY header but is not a "
                                "connected TCP socket")
+        elif is_parking_name(item.name):
+            # Removed from the store only once its connections are parked again
+            # (take_over), or a crash in between would lose them.
+            if is_segment(item):
+                found.segments.append(item)
+                continue
+            if store is not None:
+                _remove(store, item.name, found)
+            _drop(found, item, "stored as a parking socket but is not one")
         elif item.name.startswith(STATE_PREFIX):
             if store is not None:
-                store.remove(item.name)  # read once: a later crash must not replay it
+                _remove(store, item.name, found)  # read once: a crash must not replay it
             if item.kind != "file":
                 _drop(found, item, "stored as hand-over state but is not a file")
                 continue
             try:
-                data = read_memfd(item.fd)
-                states.append((item, decode_state(data)))
+                states.append((item, read_state(item.fd)))
             except (OSError, StateError) as err:
                 logger.warning("ignored the hand-over state %s: %s", item.describe(), err)
                 found.dropped += 1
-            finally:
                 os.close(item.fd)
         else:
             _drop(found, item, "not a name muxd stores under")
     if states:
         # Normally one; more only if a removal was lost: the newest writer wins.
         found.state = max(states, key=lambda pair: pair[1].written)[1]
+        for _, state in states:
+            if state is not found.state:
+                state.close()
         if len(states) > 1:
             logger.warning("%d hand-over states inherited; used the one of PID %d",
                            len(states), found.state.pid)
     return found
+
+
+def _remove(store: FdStore, name: str, found: Inheritance) -> None:
+    if not store.remove(name):
+        found.removals.append(name)  # take_over has the parking send it again
 
 
 def _drop(found: Inheritance, item: Received, why: str) -> None:
@@ -325,23 +441,31 @@ def _drop_misstored(found: Inheritance, item: Received, expected: str) -> None:
 
 
 class HandOver:
-    """The loop's room for the store: track, forget, hand over, take over."""
+    """The loop's room for keeping connections: track, forget, hand over, take over."""
 
     def __init__(self, shared: Shared, store: FdStore, capacity: int,
                  stored_listeners: Iterable[Listener]) -> None:
         self.shared = shared
         self.store = store
         self._stored_listeners = {listener.fd for listener in stored_listeners}
-        # The state memfd needs one place; listeners hold theirs already.
-        self.connection_capacity = max(0, capacity - len(self._stored_listeners) - 1)
-        self._stored: set[int] = set()  # fds of live connections in (or queued for) the store
-        self._retry_scheduled = False
+        # The store's room: the listeners, the state at a hand-over, and parking sockets.
+        self.parking = Parking(store, shared.timers, lambda: shared.now,
+                               max(1, capacity - len(self._stored_listeners) - 1))
+        # Once per accepting turn and once per close: the parking's own methods, without
+        # a call of ours around them.
+        self.flush = self.parking.flush  # type: ignore[method-assign]
+        self._park_later = self.parking.pending.append  # the list is never replaced
+        # Unix stream connections are never parked (the kernel's unix garbage collector
+        # would get involved): served, counted, closed at a restart.
+        self._unix_origins = {shared.tallies[fd] for fd, listener in shared.listeners.items()
+                              if listener.sock.family == socket.AF_UNIX and fd in shared.tallies}
+        self.unix_total = 0  # unix stream connections admitted (never parked)
+        if not self._unix_origins:
+            self.forget = self.parking.forget  # type: ignore[method-assign]
+            self.track = self._track_tcp  # type: ignore[method-assign]
         self._armed_at: float | None = None
         self._released = False
-        self.not_stored = 0  # connections beyond the store's size (never kept)
-        self.store_errors = 0  # connections whose message to the store failed (never kept)
-        self._warned_full = False
-        self._warned_failed = False
+        self._opened = False
         # The metrics' muxd_handover_* counters: connections and pending echo
         # bytes taken over, connections a hand-over could not keep. Counted at
         # take-over, and carried on from the previous process's totals (the
@@ -349,56 +473,34 @@ class HandOver:
         # counts each restart's figures, however alike consecutive ones are.
         self.totals = dict.fromkeys(("connections", "bytes", "lost"), 0)
 
+    def open(self) -> None:
+        """The first parking socket into the store, before anything is parked."""
+        if not self._opened:
+            self._opened = True
+            self.parking.open()
+
     # --- serving: per admitted connection, per accepting turn, per close ------
 
+    def _track_tcp(self, conn: Connection) -> None:
+        self._park_later(conn.fd)
+
     def track(self, conn: Connection) -> None:
-        if len(self._stored) >= self.connection_capacity:
-            self.not_stored += 1
-            if not self._warned_full:
-                self._warned_full = True
-                logger.warning("the file descriptor store is full (%d connections; "
-                               "FileDescriptorStoreMax= too small for max_connections?): "
-                               "connections beyond it are closed at a restart",
-                               self.connection_capacity)
+        if conn.origin in self._unix_origins:
+            self.unix_total += 1
             return
-        self._stored.add(conn.fd)
-        self.store.queue(conn.fd, CONNECTION_NAME)
+        self._park_later(conn.fd)
 
     def flush(self) -> None:
-        """End of an accepting turn: one message per 253 connections admitted."""
-        failed = self.store.failed
-        if not self.store.flush() and not self._retry_scheduled:
-            self._retry_scheduled = True
-            self.shared.timers.call_at(self.shared.now + RETRY_DELAY, self._retry)
-        if self.store.rejected:
-            self._take_rejected()
-        if self.store.failed != failed and not self._warned_failed:
-            self._warned_failed = True
-            logger.error("could not store connections in systemd's file descriptor store "
-                         "(%s); they are closed at a restart", self.store.last_error)
-
-    def _take_rejected(self) -> list[int]:
-        """Connections whose message to the store failed are not in it: a restart
-        closes them as it closes those beyond its size."""
-        rejected, self.store.rejected = self.store.rejected, []
-        for fd in rejected:
-            self._stored.discard(fd)
-        self.store_errors += len(rejected)
-        return rejected
-
-    def _retry(self) -> None:
-        self._retry_scheduled = False
-        self.flush()
+        """End of an accepting turn: one parking message per 253 connections admitted.
+        (Replaced in __init__ by Parking.flush itself: one Python call less per turn.)"""
+        self.parking.flush()
 
     def forget(self, conn: Connection) -> None:
-        """Before a connection is closed: take it out of the store."""
-        fd = conn.fd
-        if fd in self._stored:
-            self._stored.discard(fd)
-            if self._released:
-                return  # handed over: the next process owns it now
-            if not self.store.unqueue(fd):
-                release(conn.sock)
+        """Before a connection is closed: a parked copy would keep it open, so it is
+        shut down first (the client sees the end). After a hand-over nothing is parked
+        here any more (Parking.release): the next process owns them. (Replaced in
+        __init__ by Parking.forget itself when no unix stream listener is served.)"""
+        self.parking.forget(conn)
 
     def forget_listener(self, listener: Listener) -> None:
         """A stored listener closed at a graceful stop stops listening now, rather
@@ -408,13 +510,20 @@ class HandOver:
             if not self._released:
                 release(listener.sock)
 
+    def finish(self) -> None:
+        """The loop ended without a hand-over (a stop): every connection is closed, so
+        the parking sockets leave the store, and the dead sockets in them with it."""
+        if not self._released:
+            self.parking.remove_all()
+
     def figures(self) -> dict[str, int]:
         """For the metrics, at scrape time: what the take-over found, and the
-        connections a restart now would close (open, but not in the store)."""
-        stored = self._stored
-        return {**self.totals, "unstored_store_full": self.not_stored,
-                "unstored_store_error": self.store_errors,
-                "unstored_open": sum(1 for fd in self.shared.conns if fd not in stored)}
+        connections a restart now would close (open, but not parked)."""
+        where = self.parking.where
+        parking = self.parking
+        return {**self.totals, "unstored_store_full": parking.refused,
+                "unstored_store_error": parking.errors + self.unix_total,
+                "unstored_open": sum(1 for fd in self.shared.conns if fd not in where)}
 
     # --- restart or stop --------------------------------------------------
 
@@ -427,10 +536,11 @@ class HandOver:
         return armed is not None and self.shared.now - armed <= ARM_WINDOW
 
     def hand_over(self, version: str, waiting_room: HeaderWait | None = None) -> None:
-        """SIGTERM of a restart: leave every connection in the store for the next
-        process, with the state it needs, and let the loop end without closing any.
+        """SIGTERM of a restart: leave every connection parked for the next process,
+        with the state it needs, and let the loop end without closing any.
         Blocks for at most a few seconds (waiting for PID 1), once, on the way out."""
         shared = self.shared
+        parking = self.parking
         shared.stopping = True
         shared.notifier.send("STOPPING=1", "STATUS=restarting: handing connections over")
         listeners = len(self._stored_listeners)
@@ -438,67 +548,74 @@ class HandOver:
             if listener.fd not in self._stored_listeners:
                 shared.close_listener(listener)  # a socket unit's: systemd holds it
         shared.close_udp()
-        # Connections still waiting for their PROXY header, as far as the store has
-        # room; the room closes the others (the balancer sees them end).
+        parking.flush()
+        if parking.unparked:
+            parking.step()  # one more try for those the limit refused
+        # Connections still waiting for their PROXY header: parked with the others
+        # (the room closes those that cannot be: the balancer sees them end).
         waiting = []
         closed = 0
         if waiting_room is not None:
-            waiting, closed = waiting_room.hand_over(
-                max(0, self.connection_capacity - len(self._stored)))
-        for sock, *_ in waiting:
-            self.store.queue(sock.fileno(), WAITING_NAME)
-        self.store.flush_all()
-        rejected = set(self._take_rejected())
+            waiting, closed = waiting_room.hand_over(len(waiting_room.waiting))
+        not_parked = set(parking.park_now(sock.fileno() for sock, *_ in waiting))
         waiting_records = []
         for sock, header, taken, waited in waiting:
-            if sock.fileno() in rejected:
-                sock.close()
+            if sock.fileno() in not_parked:
+                _close_gracefully(sock)
                 closed += 1
                 continue
             waiting_records.append(WaitingRecord(os.fstat(sock.fileno()).st_ino, header, taken,
                                                  waited))
         records = []
-        unstored = []
-        pending = 0
+        unparked = []
+        where = parking.where
         for conn in shared.conns.values():
-            if conn.fd not in self._stored:
-                unstored.append(conn)
+            if conn.fd not in where:
+                unparked.append(conn)
                 continue
             flags = ((PAUSED if conn.paused else 0) | (READ_CLOSED if conn.read_closed else 0)
                      | (PEER_FINISHED if conn.peer_finished else 0))
-            data = bytes(conn.pending) if conn.pending else b""
-            pending += len(data)
-            records.append(Record(os.fstat(conn.fd).st_ino, conn.bytes_in, flags, data,
-                                  conn.client))
-        fd = write_memfd(encode_state(os.getpid(), version, records, waiting_records,
-                                      closed + len(unstored), self.totals))
+            records.append(Record(os.fstat(conn.fd).st_ino, conn.bytes_in, flags,
+                                  conn.pending or b"", conn.client))
+        pending = sum(len(record.pending) for record in records)
         try:
-            stored = self.store.store_now(fd, f"{STATE_PREFIX}{os.getpid()}")
-        finally:
-            os.close(fd)
+            fd = write_state(os.getpid(), version, records, waiting_records,
+                             closed + len(unparked), self.totals,
+                             len(records) + len(waiting_records))
+        except OSError as err:  # out of descriptors or memory: the connections still go
+            logger.error("could not write the hand-over state: %s", err)
+            stored = False
+        else:
+            try:
+                stored = self.store.store_now(fd, f"{STATE_PREFIX}{os.getpid()}")
+            finally:
+                os.close(fd)
+        parking.step()  # removals still owed to PID 1 (a compaction's last one)
         confirmed = self.store.barrier()
         logger.info("handing over %d connection(s)%s and %d listener(s) to the next process "
-                    "(%s of pending echo)%s%s", len(records),
+                    "(%s of pending echo; %d parking socket(s))%s%s", len(records),
                     f" and {len(waiting_records)} waiting for a PROXY header"
                     if waiting_records else "", listeners, _kib(pending),
+                    len(parking.segments),
                     "" if stored else "; the state could not be stored: pending echo is lost",
                     "" if confirmed else "; systemd did not confirm (BARRIER) in time")
-        if unstored or closed:
-            logger.warning("%d connection(s) were not in the file descriptor store: "
-                           "closing them", len(unstored) + closed)
-        for conn in unstored:
-            # Not in the store: closed now, its echo sent as far as the socket takes it.
+        if unparked or closed:
+            logger.warning("%d connection(s) were not kept for the next process (not parked): "
+                           "closing them", len(unparked) + closed)
+        for conn in unparked:
+            # Not kept: closed now, its echo sent as far as the socket takes it.
             if conn.pending:
                 conn.on_writable()
             conn.discard_input()
             shared.close(conn, Close.SHUTDOWN)
         self._released = True
+        parking.release()
         for sock, *_ in waiting:
-            sock.close()  # our copy only (closed already if rejected: a no-op)
+            sock.close()  # our copy only (closed already if not parked: a no-op)
         poller = shared.poller
         for conn in shared.conns.values():
             poller.unregister(conn.fd)
-            conn.sock.close()  # our copy only: the store keeps the connection open
+            conn.sock.close()  # our copy only: the parked copy keeps the connection open
         shared.conns.clear()
         shared.per_client.clear()
         for listener in list(shared.listeners.values()):
@@ -510,11 +627,45 @@ class HandOver:
                   ) -> None:
         """Serve the connections of the previous process, with their echo state and,
         behind a balancer, the client each one's header named; give those still
-        waiting for a header to ``waiting_room``."""
+        waiting for a header to ``waiting_room``. Everything inherited is parked in a
+        fresh parking socket, as it is read (253 at a time), before the old ones (and
+        an older release's ``conn`` entries) leave the store: a crash in the middle
+        loses at most the batch in hand."""
         shared = self.shared
         config = shared.config
         state = inherited.state
         records = state.records if state else {}
+        waiting_records = state.waiting if state else {}
+        self.open()
+        for name in inherited.removals:
+            self.parking.remove_later(name)
+        seen: set[tuple[int, int]] = set()
+        legacy = []
+        for item in inherited.connections:
+            key = inode_key(item.fd)
+            if key is None or key in seen:
+                os.close(item.fd)  # a duplicate: the one already had stays
+                continue
+            seen.add(key)
+            legacy.append(item)
+        # Parked again as they are read, message by message (those still waiting for a
+        # header are not: as in the old process, they are parked once admitted); an
+        # older release's "conn" entries right after.
+        found = unpark(inherited.segments, seen, self.parking.park_now, set(waiting_records))
+        waiting_items = list(inherited.waiting)
+        items = []
+        for item in [*legacy, *found.live]:
+            (waiting_items if item.inode in waiting_records and item.name == "parked"
+             else items).append(item)
+        parkable = [item.fd for item in legacy if item.family != socket.AF_UNIX]
+        not_parked = set(self.parking.park_now(parkable)) | found.not_parked
+        for item in inherited.segments:
+            self.parking.remove_later(item.name)
+            os.close(item.fd)
+        if inherited.connections or CONNECTION_NAME in inherited.restore_names:
+            # The older release's entries, one each (or something foreign under that
+            # name): all parked now, so the whole name goes.
+            self.parking.remove_later(CONNECTION_NAME)
         # A format-1 state, or none (a crash), does not say which client a header
         # named: with proxy_protocol on, a connection's socket peer is the
         # balancer, so one not in a format-2 state is taken over as one whose
@@ -526,7 +677,7 @@ class HandOver:
         listeners = {_local_port(listener.sock): listener
                      for listener in shared.listeners.values()}
         tallies = {port: shared.tallies.get(listener.fd) for port, listener in listeners.items()}
-        for item in inherited.connections:
+        for item in items:
             sock = socket.socket(fileno=item.fd)
             sock.setblocking(False)
             record = records.pop(item.inode, None)
@@ -552,12 +703,18 @@ class HandOver:
             conn.origin = tallies.get(_local_port(sock))  # its listener's, by port
             if record is not None:
                 conn.bytes_in = record.bytes_in
-                if record.pending:
-                    conn.pending = bytearray(record.pending)
+                if record.length:
+                    try:
+                        conn.pending = state.read_pending(record)
+                    except (OSError, StateError) as err:
+                        logger.warning("lost the pending echo of a connection: %s", err)
                 conn.paused = bool(record.flags & PAUSED)
                 conn.read_closed = bool(record.flags & READ_CLOSED)
                 conn.peer_finished = bool(record.flags & PEER_FINISHED)
-            self._stored.add(conn.fd)
+            if item.fd in not_parked:
+                self.parking.unparked.add(item.fd)
+            elif item.family == socket.AF_UNIX:
+                self.unix_total += 1  # an older release's: never parked here
             shared.conns[conn.fd] = conn
             want = conn.wanted()
             if want < 0:  # finished in the old process's last turn: only the close is left
@@ -571,28 +728,34 @@ class HandOver:
                 conn.group = client_group(client_address(host), config.ipv6_prefix)
                 shared.per_client[conn.group] = shared.per_client.get(conn.group, 0) + 1
             adopted.append(conn)
-        if CONNECTION_NAME in inherited.restore_names:
-            # A foreign descriptor was stored as a connection: only removing the
-            # name takes it out; then the real ones go back in.
-            self.store.remove(CONNECTION_NAME)
-            for conn in adopted:
-                self.store.queue(conn.fd, CONNECTION_NAME)
-            self.flush()
-        resumed = self._resume_waiting(inherited.waiting, state, listeners, waiting_room)
+        if state is not None:
+            state.close()
+        if self.parking.unparked:
+            self.parking.refused += len(self.parking.unparked)
+            logger.error("%d connection(s) taken over could not be parked again (%s): they "
+                         "are served, and closed at a restart unless a retry succeeds",
+                         len(self.parking.unparked), self.parking.last_error)
+            self.parking.step()
+        resumed = self._resume_waiting(waiting_items, state, listeners, waiting_room)
         shared.counters.taken_over = len(adopted) + resumed
         totals = self.totals
         if state is not None:
             for name in totals:
                 totals[name] += state.totals.get(name, 0)
             totals["lost"] += state.closed
+        totals["lost"] += found.lost
         totals["connections"] += len(adopted) + resumed
         totals["bytes"] += sum(len(conn.pending) for conn in adopted if conn.pending)
+        if found.duplicates or found.ended or found.foreign:
+            logger.info("parking sockets also held %d connection(s) closed before the "
+                        "take-over, %d duplicate(s) and %d descriptor(s) that were not TCP "
+                        "connections: closed", found.ended, found.duplicates, found.foreign)
         if records:
-            # systemd drops a stored connection that hangs up (its client reset or went
-            # away during the restart), and refuses descriptors beyond its store's size.
-            logger.warning("%d connection(s) of the hand-over state were not in the store "
-                           "(their clients went away during the restart, or systemd refused "
-                           "them: FileDescriptorStoreMax= below FDSTORE=?)", len(records))
+            # A parked connection reset by its client during the restart is dropped
+            # as ended; one the kernel could not install is counted as lost.
+            logger.warning("%d connection(s) of the hand-over state were not handed over "
+                           "(their clients went away during the restart%s)", len(records),
+                           f", or {found.lost} lost at take-over" if found.lost else "")
         if unknown:
             logger.warning("%d proxied connection(s) taken over without the client their "
                            "PROXY header named (%s): counted under no client, logged with "
@@ -648,6 +811,11 @@ def describe_takeover(adopted: list[Connection], listeners: int,
         return f"no connection to take over from PID {state.pid} (muxd {state.version})"
     return (f"took over {len(adopted) + waiting} connections{also} and {listeners} listeners "
             f"{origin}")
+
+
+def _close_gracefully(sock: socket.socket) -> None:
+    release(sock)  # a parked copy may exist: the end must reach the client
+    sock.close()
 
 
 def _local_port(sock: socket.socket) -> int | None:

@@ -32,9 +32,9 @@ and which never calls the loop back except through what it was handed:
 * ``reload.py``: apply a new configuration (SIGHUP);
 * ``housekeeping.py``: the idle sweep and log flushing;
 * ``report.py``: counters, STATUS=, READY=1, WATCHDOG=1, descriptions;
-* ``handover.py``: keeping connections in systemd's file descriptor store
-  across restarts and crashes (stored per accepting turn, handed over at a
-  restart's SIGTERM, taken over at start);
+* ``handover.py``: keeping connections across restarts and crashes (parked
+  per accepting turn in a socket systemd's file descriptor store holds,
+  parking.py; handed over at a restart's SIGTERM, taken over at start);
 * ``figures.py``: the metrics endpoint (or a worker's line to its
   supervisor), and the figures it gathers from the shared state at scrape
   time; the loop hands it the events of its descriptors;
@@ -147,9 +147,11 @@ class EchoServer:
         for fd in [*shared.listeners, *shared.udp]:
             poller.register(fd, READ)
         poller.register(self.signals.fd, READ)
-        if self.handover is not None and self._inheritance is not None:
-            self.handover.take_over(self._inheritance, self.header_wait)
-            self._inheritance = None
+        if self.handover is not None:
+            self.handover.open()  # a parking socket in the store before the first accept
+            if self._inheritance is not None:
+                self.handover.take_over(self._inheritance, self.header_wait)
+                self._inheritance = None
         if self.metrics is not None:
             self.metrics.start()
         self.housekeeping.schedule()
@@ -415,6 +417,8 @@ class EchoServer:
         for listener in list(shared.listeners.values()):
             shared.close_listener(listener)
         shared.close_udp()
+        if self.handover is not None:
+            self.handover.finish()  # a stop: the parking sockets leave the store
         self.signals.close()
         self.poller.close()
         self.admission.close()

@@ -5,26 +5,31 @@ FDSTORE=1 / FDSTOREREMOVE=1 / BARRIER=1 messages: it binds its datagram
 socket with SO_PASSCRED, receives the SCM_RIGHTS descriptors and keeps them
 by name, closes extras beyond ``store_max`` (FileDescriptorStoreMax=), drops
 a stored descriptor that reports hang-up or error (PID 1 watches them with
-EPOLLHUP|EPOLLERR only) and closes a barrier's pipe end once every earlier
-message is processed. ``launch`` then starts the next process the way
-systemd does: the stored descriptors from fd 3 on, LISTEN_FDS, LISTEN_FDNAMES
-and LISTEN_PID (its own PID, through a shell that execs muxd). A background
-thread receives, so the daemon's queue drains as it would under systemd.
+EPOLLHUP|EPOLLERR only, and not at all those sent with FDPOLL=0) and closes a
+barrier's pipe end once every earlier message is processed. ``launch`` then
+starts the next process the way systemd does: the stored descriptors from fd 3
+on, LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its own PID, through a shell
+that execs muxd). A background thread receives, so the daemon's queue drains
+as it would under systemd.
 
 ``Unit`` is one service's generations of muxd sharing that store (``restart``:
 the stop hook's SIGURG, SIGTERM, then the next process; ``crash``: kill -9,
-then the next); conftest's ``pid1`` fixture is the store itself.
+then the next); conftest's ``pid1`` fixture is the store itself. ``parked``
+counts the connections parked in the parking sockets it holds (FIONREAD: muxd
+sends one payload byte per descriptor).
 """
 
 from __future__ import annotations
 
 import array
+import fcntl
 import os
 import queue
 import select
 import signal
 import socket
 import sys
+import termios
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +49,7 @@ class FdStoreSystemd(NotifySocket):
         self.closed_over_max = 0
         self.dropped_on_hangup = 0
         self.removals: list[str] = []
+        self.unpolled: set[int] = set()  # stored with FDPOLL=0: never watched
         self._lock = threading.Lock()
         self._inbox: queue.Queue[dict[str, str]] = queue.Queue()
         self._stop_reading = threading.Event()
@@ -74,6 +80,8 @@ class FdStoreSystemd(NotifySocket):
             poller = select.poll()
             poller.register(self.sock, select.POLLIN)
             for fd, _ in watched:
+                if fd in self.unpolled:
+                    continue
                 poller.register(fd, 0)  # hang-up and error are always reported
             for fd, event in poller.poll(50):
                 if fd == self.sock.fileno():
@@ -102,6 +110,8 @@ class FdStoreSystemd(NotifySocket):
                         self.closed_over_max += 1
                     else:
                         self.stored.append((fd, name))
+                        if fields.get("FDPOLL") == "0":
+                            self.unpolled.add(fd)
             fds = []
         if fields.get("FDSTOREREMOVE") == "1":
             name = fields.get("FDNAME", "")
@@ -111,6 +121,7 @@ class FdStoreSystemd(NotifySocket):
                     if stored_name == name:
                         os.close(fd)
                         self.stored.remove((fd, stored_name))
+                        self.unpolled.discard(fd)
         for fd in fds:  # BARRIER=1's pipe, or anything else: closed once processed
             os.close(fd)
         if not fields.get("FDSTORE") and not fields.get("FDSTOREREMOVE"):
@@ -125,10 +136,37 @@ class FdStoreSystemd(NotifySocket):
                     self.dropped_on_hangup += 1
                     return
 
-    def store_foreign(self, fd: int, name: str) -> None:
-        """Put a descriptor of the test's own into the store (a duplicate is kept)."""
+    def parked(self) -> int:
+        """Descriptors parked in the stored parking sockets (live and closed ones)."""
+        total = 0
         with self._lock:
-            self.stored.append((os.dup(fd), name))
+            for fd, name in self.stored:
+                if name.startswith("state-park-"):
+                    count = array.array("i", [0])
+                    fcntl.ioctl(fd, termios.FIONREAD, count)
+                    total += count[0]
+        return total
+
+    def segments(self) -> int:
+        return sum(name.startswith("state-park-") for name in self.names())
+
+    def store_foreign(self, fd: int, name: str, poll: bool = True) -> None:
+        """Put a descriptor of the test's own into the store (a duplicate is kept);
+        ``poll=False`` as if sent with FDPOLL=0."""
+        with self._lock:
+            copy = os.dup(fd)
+            self.stored.append((copy, name))
+            if not poll:
+                self.unpolled.add(copy)
+
+    def take(self, prefix: str) -> list[int]:
+        """Take the descriptors stored under names starting with ``prefix`` out of the
+        store, as FDSTOREREMOVE would, but hand them to the test instead of closing."""
+        with self._lock:
+            taken = [fd for fd, name in self.stored if name.startswith(prefix)]
+            self.stored = [(fd, name) for fd, name in self.stored if fd not in taken]
+            self.unpolled.difference_update(taken)
+        return taken
 
     def launch_command(self, config_path: Path) -> tuple[list[str], dict[str, str],
                                                           tuple[int, ...]]:
@@ -149,16 +187,17 @@ class FdStoreSystemd(NotifySocket):
             return list(self.stored)
 
     def read(self, prefix: str) -> bytes:
-        """The contents of the one stored memfd whose name starts with ``prefix``."""
+        """The contents of the one stored memfd whose name starts with ``prefix`` (not
+        a parking socket's, though those start with "state-" too)."""
         with self._lock:
-            (fd,) = [fd for fd, name in self.stored if name.startswith(prefix)]
+            (fd,) = [fd for fd, name in self.stored if _is_file(name, prefix)]
             return os.pread(fd, os.fstat(fd).st_size, 0)
 
     def rewrite(self, prefix: str, change: Callable[[bytes], bytes]) -> None:
         """Replace that memfd by one holding ``change(contents)``, under the same name."""
         with self._lock:
             ((index, (fd, name)),) = [(index, entry) for index, entry in enumerate(self.stored)
-                                      if entry[1].startswith(prefix)]
+                                      if _is_file(entry[1], prefix)]
             data = change(os.pread(fd, os.fstat(fd).st_size, 0))
             replacement = os.memfd_create("rewritten")
             os.write(replacement, data)
@@ -172,26 +211,33 @@ class FdStoreSystemd(NotifySocket):
             for fd, _ in self.stored:
                 os.close(fd)
             self.stored.clear()
+            self.unpolled.clear()
         super().close()
+
+
+def _is_file(name: str, prefix: str) -> bool:
+    return name.startswith(prefix) and not name.startswith("state-park-")
 
 
 class Unit:
     """One muxd 'service' whose generations share the fake PID 1's store."""
 
     def __init__(self, pid1: FdStoreSystemd, start_muxd: Callable[..., Muxd], config: str,
-                 tmp_path: Path, store_size: int = STORE_SIZE) -> None:
+                 tmp_path: Path, store_size: int = STORE_SIZE, **kwargs: object) -> None:
         self.pid1 = pid1
         self.start_muxd = start_muxd
         self.config_path = tmp_path / "unit.ini"
         self.config_path.write_text(config)
         self.env = {"FDSTORE": str(store_size)}
-        self.daemon = self.start()
+        self.daemon = self.start(**kwargs)
 
-    def start(self) -> Muxd:
-        """The next process, given what the store holds."""
+    def start(self, **kwargs: object) -> Muxd:
+        """The next process, given what the store holds (``kwargs``: for start_muxd,
+        e.g. ``preexec``; remembered for the generations after it)."""
+        self.kwargs = {**getattr(self, "kwargs", {}), **kwargs}
         command, env, fds = self.pid1.launch_command(self.config_path)
         self.daemon = self.start_muxd(None, command=command, env={**self.env, **env},
-                                      pass_fds=fds, notify_socket=self.pid1)
+                                      pass_fds=fds, notify_socket=self.pid1, **self.kwargs)
         return self.daemon
 
     def hand_over(self) -> Muxd:
@@ -204,16 +250,16 @@ class Unit:
         old.wait_log("handing over")
         return old
 
-    def restart(self) -> Muxd:
+    def restart(self, **kwargs: object) -> Muxd:
         """What `systemctl restart` does with the unit's stop hook."""
         self.hand_over()
-        return self.start()
+        return self.start(**kwargs)
 
-    def crash(self) -> Muxd:
+    def crash(self, **kwargs: object) -> Muxd:
         """kill -9 and Restart=on-failure."""
         self.daemon.signal(signal.SIGKILL)
         self.daemon.wait()
-        return self.start()
+        return self.start(**kwargs)
 
 
 _EXEC_SHIM = """

@@ -129,10 +129,11 @@ def test_churn_with_handover_stores_connections_and_takes_them_out(
     (sample,) = results["scenarios"]["churn-c10"]["samples"]["muxd-handover"]
     store = sample["store"]
     assert store["received"] > 0  # hand-over was on
-    # Every stored connection left the store when muxd closed it (shutdown before close).
-    assert store["held_by_name"].get("conn", 0) == 0
-    assert store["dropped_on_hangup"] >= store["received"] - 1  # all but the listener
-    assert 0 < sample["stored_pct"] <= 100
+    # The store got the listener and a few parking sockets, never one entry per
+    # connection (muxd/parking.py), and at the stop everything left it.
+    assert store["received_by_name"].get("conn", 0) == 0
+    assert store["received"] < sample["churn_completed"] / 10
+    assert store["held"] == 0
     assert sample["helper_cpu_us_per_msg"] >= 0  # the store's CPU, apart from muxd's
     assert "conn/s" in stdout and "store us/conn" in stdout
 

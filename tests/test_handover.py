@@ -22,6 +22,7 @@ from daemon_harness import (
     echo_once,
     free_port,
     push_until_stalled,
+    raise_own_nofile,
     recv_exactly,
     recv_until_eof,
     server_config,
@@ -70,14 +71,15 @@ def test_restart_keeps_every_connection_with_its_pending_echo_and_half_close(
     # Echo is checked against stream[:sent]: a wrapped (cyclic) send would not match it.
     assert max(slow_sent, closer_sent) < len(stream)
     closer.shutdown(socket.SHUT_WR)  # half-closed, with echo still owed to it
-    wait_until(lambda: pid1.count("conn") == 3, what="three connections in the store")
+    wait_until(lambda: pid1.parked() == 3, what="three connections parked")
 
     second = unit.restart()
     assert second.pid != first.pid
     second.wait_log(f"took over 3 connections and 1 listeners from PID {first.pid}")
     assert "KiB of pending echo" in second.log
     assert pid1.removals and pid1.removals[0].startswith("state-")
-    assert not any(name.startswith("state-") for name in pid1.names())
+    assert not any(name.startswith("state-") and not name.startswith("state-park-")
+               for name in pid1.names())
 
     assert echo_once(talker, b"after") == b"after"
     slow.settimeout(10)
@@ -98,7 +100,7 @@ def test_restart_keeps_every_connection_with_its_pending_echo_and_half_close(
     talker.settimeout(5)
     assert talker.recv(10) == b""
     assert recv_until_eof(slow) == b""
-    wait_until(lambda: pid1.count("conn") == 0, what="the store to drop the closed connections")
+    wait_until(lambda: pid1.segments() == 0, what="the store to drop the parking sockets")
     for sock in (talker, slow, closer):
         sock.close()
 
@@ -109,10 +111,9 @@ def test_a_closed_connection_leaves_the_store_so_its_peer_sees_the_end(
     Unit(pid1, start_muxd, server_config(port, idle_timeout=0.3), tmp_path)
     idle = connect(port)
     assert echo_once(idle, b"x") == b"x"
-    wait_until(lambda: pid1.count("conn") == 1, what="the connection in the store")
+    wait_until(lambda: pid1.parked() == 1, what="the connection parked")
     idle.settimeout(5)
-    assert idle.recv(10) == b""  # idle_timeout closed it, and the store's copy went too
-    wait_until(lambda: pid1.count("conn") == 0, what="the store to drop it")
+    assert idle.recv(10) == b""  # idle_timeout closed it: shut down, the parked copy too
     idle.close()
 
 
@@ -127,7 +128,7 @@ def test_kill_9_loses_at_most_the_echo_held_in_memory(pid1, start_muxd, tmp_path
     stream = os.urandom(16 << 20)
     sent = push_until_stalled(slow, stream)
     assert sent < len(stream)  # checked against stream[:sent]: a wrapped send would not match
-    wait_until(lambda: pid1.count("conn") == 2, what="both connections in the store")
+    wait_until(lambda: pid1.parked() == 2, what="both connections parked")
 
     second = unit.crash()
     second.wait_log("took over 2 connections and 1 listeners without hand-over state")
@@ -193,34 +194,59 @@ def test_foreign_and_damaged_descriptors_are_dropped_and_muxd_serves(
     with pytest.raises(ConnectionRefusedError):
         connect(stray_port)  # the dropped listener stopped listening
     # The foreign ones are gone, and so is the connection its client closed.
-    wait_until(lambda: pid1.names() == ["listen"], what="only muxd's listener left in the store")
+    wait_until(lambda: sorted(pid1.names())[0] == "listen" and len(pid1.names()) == 2
+               and pid1.segments() == 1,
+               what="only muxd's listener and its parking socket left in the store")
 
 
-def test_a_full_store_keeps_what_fits_and_closes_the_rest_gracefully(
+def test_a_store_of_four_entries_keeps_hundreds_of_connections(
         pid1, start_muxd, tmp_path) -> None:
+    """The store holds the listener, one parking socket and, at a hand-over, the state:
+    never one entry per connection (the release before stored each connection: a
+    store of 4 kept 2 of them)."""
+    raise_own_nofile(2000)
     port = free_port()
-    # 1 listener + 1 state + 2 connections.
+    pid1.store_max = 4
     unit = Unit(pid1, start_muxd, server_config(port), tmp_path, store_size=4)
-    clients = [connect(port) for _ in range(5)]
+    clients = [connect(port) for _ in range(300)]
     for index, sock in enumerate(clients):
         assert echo_once(sock, b"%d" % index) == b"%d" % index
-    unit.daemon.wait_log("the file descriptor store is full")
+    wait_until(lambda: pid1.parked() == 300, what="300 connections parked")
+    # The listener and one parking socket (two if the accepts took over 200 loop turns).
+    assert len(pid1.names()) <= 3, pid1.names()
+    new = unit.restart()
+    new.wait_log("took over 300 connections")
+    assert pid1.closed_over_max == 0
+    assert len(pid1.names()) == 2, pid1.names()  # the state read and removed, one segment
+    for index, sock in enumerate(clients):
+        assert echo_once(sock, b"again %d" % index) == b"again %d" % index
+        sock.close()
+
+
+def test_connections_that_cannot_be_parked_are_served_counted_and_closed_gracefully(
+        pid1, start_muxd, tmp_path) -> None:
+    """Descriptors in flight stay under the soft RLIMIT_NOFILE (here 128; a quarter is
+    kept back for replacing parking sockets): the 97th connection is served but not
+    kept, and the restart lets it read its echo and then ends it (a FIN, not a reset)."""
+    port = free_port()
+    unit = Unit(pid1, start_muxd, server_config(port), tmp_path, nofile=(128, 128))
+    kept = [connect(port) for _ in range(96)]
+    for sock in kept:
+        assert echo_once(sock, b"k") == b"k"
+    wait_until(lambda: pid1.parked() == 96, what="96 connections parked")
+    beyond = connect(port)
+    beyond.sendall(b"owed")  # and not read before the restart
+    unit.daemon.wait_log("could not park 1 connection(s)")
     old = unit.daemon
     new = unit.restart()
-    assert "3 connection(s) were not in the file descriptor store: closing them" in old.log
-    new.wait_log("took over 2 connections")
-    kept = 0
-    for sock in clients:
-        sock.settimeout(5)
-        sock.sendall(b"ping")
-        try:
-            data = sock.recv(10)
-        except ConnectionResetError:
-            data = b""
-        kept += data == b"ping"
-    assert kept == 2
-    for sock in clients:
+    assert "1 connection(s) were not kept for the next process (not parked)" in old.log
+    new.wait_log("took over 96 connections")
+    beyond.settimeout(10)
+    assert recv_until_eof(beyond) == b"owed"  # its echo, then the end (not a reset)
+    for sock in kept:
+        assert echo_once(sock, b"after") == b"after"
         sock.close()
+    beyond.close()
 
 
 def test_sigterm_without_the_stop_hook_is_the_graceful_stop(pid1, start_muxd, tmp_path) -> None:
@@ -228,7 +254,7 @@ def test_sigterm_without_the_stop_hook_is_the_graceful_stop(pid1, start_muxd, tm
     unit = Unit(pid1, start_muxd, server_config(port), tmp_path)
     sock = connect(port)
     assert echo_once(sock, b"x") == b"x"
-    wait_until(lambda: pid1.count("conn") == 1, what="the connection in the store")
+    wait_until(lambda: pid1.parked() == 1, what="the connection parked")
     unit.daemon.signal(signal.SIGTERM)
     assert unit.daemon.wait() == 0
     assert "handing over" not in unit.daemon.log
@@ -251,7 +277,7 @@ def test_a_proxied_connection_is_stored_once_its_header_is_read_and_kept_at_rest
     client = connect(port)
     client.sendall(b"PROXY TCP4 192.0.2.7 192.0.2.1 40000 7\r\n")
     assert echo_once(client, b"before") == b"before"
-    wait_until(lambda: pid1.count("conn") == 1, what="the proxied connection in the store")
+    wait_until(lambda: pid1.parked() == 1, what="the proxied connection parked")
 
     second = unit.restart()
     second.wait_log(f"took over 1 connections and 1 listeners from PID {first.pid}")
@@ -299,7 +325,7 @@ def test_a_proxied_connection_keeps_the_client_its_header_named_across_a_restart
     mine = [held(port, v1("198.51.100.7", 40000 + index)) for index in range(2)]
     other = held(port, v2("2001:db8::9", 41000))
     assert not served(port, v1("198.51.100.7"))  # at its limit
-    wait_until(lambda: pid1.count("conn") == 3, what="the proxied connections in the store")
+    wait_until(lambda: pid1.parked() == 3, what="the proxied connections parked")
 
     second = unit.restart()
     second.wait_log(f"took over 3 connections and 1 listeners from PID {first.pid}")
@@ -373,7 +399,7 @@ def test_a_format_1_state_is_read_and_its_proxied_clients_are_counted_under_none
     stream = os.urandom(16 << 20)
     sent = push_until_stalled(slow, stream)
     assert sent < len(stream)  # checked against stream[:sent]: a wrapped send would not match
-    wait_until(lambda: pid1.count("conn") == 2, what="both in the store")
+    wait_until(lambda: pid1.parked() == 2, what="both parked")
     old = unit.hand_over()
     pid1.rewrite("state-", format_1)
     second = unit.start()
@@ -395,7 +421,7 @@ def test_after_a_crash_proxied_connections_count_under_no_client_not_the_balance
     port = free_port()
     unit = Unit(pid1, start_muxd, proxied_config(port, max_connections_per_ip=1), tmp_path)
     mine = held(port, v1("198.51.100.7"))
-    wait_until(lambda: pid1.count("conn") == 1, what="the connection in the store")
+    wait_until(lambda: pid1.parked() == 1, what="the connection parked")
     second = unit.crash()
     second.wait_log("took over 1 connections and 1 listeners without hand-over state")
     assert ("1 proxied connection(s) taken over without the client their PROXY header named "
@@ -404,3 +430,45 @@ def test_after_a_crash_proxied_connections_count_under_no_client_not_the_balance
     assert served(port, v1(BALANCER))  # not refused as if the balancer held one
     assert served(port, v1("198.51.100.7"))  # its client is not known any more
     mine.close()
+
+
+def test_the_state_is_written_from_and_read_into_each_connections_buffer() -> None:
+    """write_state writes each pending echo straight from its buffer into the memfd and
+    read_state keeps only the header, reading each pending echo when asked; a state of
+    format 2 (no "parked") and one of format 1 read the same way."""
+    from muxd.handover import Record, encode_state, read_state, write_state
+
+    pending = [bytearray(os.urandom(size)) for size in (0, 1, 70_000)]
+    records = [Record(100 + index, 10 * index, index, data) for index, data in
+               enumerate(pending)]
+    fd = write_state(1234, "0.1.0", records, closed=2, parked=3)
+    try:
+        # The layout encode_state describes (the bytes differ only in "written").
+        whole = decode_state(os.pread(fd, os.fstat(fd).st_size, 0))
+        assert [whole.records[r.inode].pending for r in records] == pending
+        state = read_state(os.dup(fd))
+    finally:
+        os.close(fd)
+    assert state.parked == 3 and state.closed == 2 and state.pending_bytes == 70_001
+    for record, data in zip(records, pending, strict=True):
+        read = state.records[record.inode]
+        assert read.pending == b"" and state.read_pending(read) == data
+    state.close()
+    def format_2(data: bytes) -> bytes:
+        """As the release before parking wrote it: the same, without "parked"."""
+        (length,) = struct.unpack_from("!Q", data, len(STATE_MAGIC))
+        start = len(STATE_MAGIC) + 8
+        header = json.loads(data[start:start + length])
+        del header["parked"]
+        header["format"] = 2
+        text = json.dumps(header).encode()
+        return STATE_MAGIC + struct.pack("!Q", len(text)) + text + data[start + length:]
+
+    for older in (format_1, format_2):
+        text = older(encode_state(1234, "0.1.0", records, closed=2, parked=3))
+        copy = os.memfd_create("older")
+        os.write(copy, text)
+        state = read_state(copy)
+        assert state.parked == -1
+        assert [state.read_pending(state.records[r.inode]) for r in records] == pending
+        state.close()

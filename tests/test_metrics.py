@@ -355,16 +355,17 @@ def test_huge_request_heads_cost_bounded_memory(start_muxd) -> None:
     assert outcomes == [b"HTTP/1.1 400"] * len(clients), outcomes
 
 
-def test_handover_metrics_count_what_was_taken_over_and_what_the_full_store_closes(
+def test_handover_metrics_count_what_was_taken_over_and_what_could_not_be_kept(
         pid1, start_muxd, tmp_path: Path) -> None:
-    """With the test as PID 1 (fake_systemd.py): a store with room for 2 connections,
-    3 clients, one of them owed echo; then a restart. Before it, the one not stored;
-    after it, what the new process took over (the bytes: exactly the pending echo in
-    the state the old one handed over) and the one the old process had to close;
-    after a second restart, those counted on."""
+    """With the test as PID 1 (fake_systemd.py): a muxd whose soft RLIMIT_NOFILE (128)
+    lets it park 96 connections (descriptors in flight stay under it, a quarter kept
+    back for replacing parking sockets), 97 clients, one of them owed echo; then a
+    restart. Before it, the one not parked; after it, what the new process took over
+    (the bytes: exactly the pending echo in the state the old one handed over) and
+    the one the old process had to close; after a second restart, those counted on."""
     port, metrics_port = free_port(), free_port()
     config = metrics_config(port, metrics_port, extra="[limits]\nbuffer_size = 65536\n")
-    unit = Unit(pid1, start_muxd, config, tmp_path, store_size=4)  # + 1 listener + the state
+    unit = Unit(pid1, start_muxd, config, tmp_path, nofile=(128, 128))
 
     def handover() -> dict[str, float]:
         """Every muxd_handover_* series, by name (and reason) without the prefix."""
@@ -377,11 +378,14 @@ def test_handover_metrics_count_what_was_taken_over_and_what_the_full_store_clos
                "unstored_connections_total_store_error": 0,
                "unstored_connections_open": 0}
     assert handover() == nothing
+    fillers = [connect(port) for _ in range(94)]
+    for sock in fillers:
+        assert echo_once(sock, b"f") == b"f"
     talker = connect(port)
     assert echo_once(talker, b"stored") == b"stored"
     slow = connect_slow_reader(port)
     push_until_stalled(slow, os.urandom(16 << 20))
-    wait_until(lambda: pid1.count("conn") == 2, what="two connections in the store")
+    wait_until(lambda: pid1.parked() == 96, what="96 connections parked")
     beyond = connect(port)
     assert echo_once(beyond, b"not stored") == b"not stored"
     assert handover() == {
@@ -391,9 +395,9 @@ def test_handover_metrics_count_what_was_taken_over_and_what_the_full_store_clos
     pending = decode_state(pid1.read("state-")).pending_bytes
     assert pending > 0
     unit.start()
-    assert sees_connection_end(beyond)  # closed by the old process: it was not stored
+    assert sees_connection_end(beyond)  # closed by the old process: it was not kept
     assert handover() == {
-        **nothing, "connections_total": 2, "bytes_total": pending, "lost_connections_total": 1}
+        **nothing, "connections_total": 96, "bytes_total": pending, "lost_connections_total": 1}
     assert echo_once(talker, b"kept") == b"kept"
     # Once more: the counters go on from the previous process's, never back (a
     # restart that takes over as many as the last would otherwise look to
@@ -402,11 +406,11 @@ def test_handover_metrics_count_what_was_taken_over_and_what_the_full_store_clos
     pending += decode_state(pid1.read("state-")).pending_bytes
     unit.start()
     assert handover() == {
-        **nothing, "connections_total": 4, "bytes_total": pending, "lost_connections_total": 1}
+        **nothing, "connections_total": 192, "bytes_total": pending, "lost_connections_total": 1}
     if Path(PROMTOOL).exists():
         checked = promtool_check(scrape(metrics_port)[2])
         assert checked.returncode == 0, checked.stdout + checked.stderr
-    for sock in (talker, slow, beyond):
+    for sock in (talker, slow, beyond, *fillers):
         sock.close()
 
 

@@ -88,10 +88,12 @@ def held_connections(machine: Container, listeners: int, count: int = 3) -> Iter
         piler.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         piled = bytearray()
         pile_up(piler, random.Random(12), pile_budget(machine), piled)
-        # Each of them in the store (and the listener, unless the socket unit holds it).
+        # Parked (in the turn that accepted them, before any echo) in the one parking
+        # socket the store holds, beside the listener unless the socket unit holds it:
+        # never one store entry per connection.
         wait_until(lambda: machine.show("muxd.service", "NFileDescriptorStore")
-                   == str(count + 1 + listeners), timeout=10,
-                   what="the held connections in the file descriptor store")
+                   == str(1 + listeners), timeout=10,
+                   what="the parking socket (and the listener) in the file descriptor store")
         yield Held(echoed, piler, piled)
     finally:
         for sock in (*echoed, piler):
