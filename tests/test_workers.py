@@ -389,3 +389,135 @@ def test_a_worker_that_cannot_be_forked_is_tried_again(start_muxd) -> None:
         wait_until(lambda: not (group / "cgroup.procs").read_text().strip(),
                    what="the test's cgroup to empty")
         group.rmdir()
+
+
+# --- hand-over with workers: the supervisor relays each worker's store -------------
+# The test plays PID 1 and its store (fake_systemd.py); a restart is the stop hook's
+# SIGURG to the supervisor ($MAINPID), then SIGTERM.
+
+
+def _spread_clients(daemon, port: int, per_worker: int) -> dict[int, list[socket.socket]]:
+    """At least ``per_worker`` echoing clients on each of the two workers, by worker PID."""
+    by_worker: dict[int, list[socket.socket]] = {}
+    for index in range(64):  # the kernel picks the worker; bounded tries
+        sock = connect(port)
+        assert echo_once(sock, b"hello %d" % index) == b"hello %d" % index
+        by_worker.setdefault(worker_of(daemon, sock), []).append(sock)
+        if len(by_worker) == 2 and min(map(len, by_worker.values())) >= per_worker:
+            return by_worker
+    raise AssertionError("the kernel never gave each worker enough clients")
+
+
+def _took_over(daemon, expected: int) -> int:
+    """Connections the workers of ``daemon`` say they took over, once they add up."""
+    pattern = re.compile(r"worker \d+: took over (\d+) connections")
+
+    def total() -> int:
+        return sum(int(count) for count in pattern.findall(daemon.log))
+
+    wait_until(lambda: total() >= expected, what=f"{expected} connections taken over")
+    return total()
+
+
+def _all_echo(clients: list[socket.socket], message: bytes) -> None:
+    for sock in clients:
+        assert echo_once(sock, message) == message
+
+
+def test_restart_with_workers_keeps_every_connection_and_its_pending_echo(
+        pid1, start_muxd, tmp_path) -> None:
+    from daemon_harness import recv_exactly
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 2, buffer_size=65536), tmp_path)
+    first = unit.daemon
+    by_worker = _spread_clients(first, port, 3)
+    talkers = [sock for socks in by_worker.values() for sock in socks]
+    slow = connect_slow_reader(port)
+    stream = os.urandom(16 << 20)
+    sent = push_until_stalled(slow, stream)  # its worker holds pending echo, paused
+    assert sent < len(stream)  # checked against stream[:sent]: a wrapped send would not match
+
+    second = unit.restart()
+    assert "every worker handed over" in first.log
+    assert _took_over(second, len(talkers) + 1) == len(talkers) + 1
+    assert "KiB of pending echo" in second.log
+    _all_echo(talkers, b"after")
+    slow.settimeout(10)
+    assert recv_exactly(slow, sent) == stream[:sent]
+    with connect(port) as fresh:  # the kept listeners serve new clients
+        assert echo_once(fresh, b"new") == b"new"
+
+    third = unit.restart()  # and again, from the workers that took over
+    assert _took_over(third, len(talkers) + 1) == len(talkers) + 1
+    _all_echo([*talkers, slow], b"again")
+    assert not any(name.endswith("state-" + str(third.pid)) for name in pid1.names())
+    for sock in (*talkers, slow):
+        sock.close()
+
+
+def test_a_killed_worker_s_replacement_takes_over_its_connections(
+        pid1, start_muxd, tmp_path) -> None:
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 2), tmp_path)
+    daemon = unit.daemon
+    by_worker = _spread_clients(daemon, port, 3)
+    victim, survivor = sorted(by_worker)
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_log(f"(pid {victim}) was killed by SIGKILL; replacing it")
+    daemon.wait_log(f"took over {len(by_worker[victim])} connections and 1 listeners "
+                    "without hand-over state")
+    _all_echo(by_worker[victim], b"to the replacement")
+    _all_echo(by_worker[survivor], b"never noticed")
+    (replacement,) = children(daemon.pid) - {survivor}
+    assert re.search(rf"muxd\[{replacement}\] INFO: worker \d+: took over "
+                     f"{len(by_worker[victim])} connections", daemon.log)
+    for socks in by_worker.values():
+        for sock in socks:
+            sock.close()
+
+
+def test_a_killed_supervisor_leaves_every_connection_to_the_next_one(
+        pid1, start_muxd, tmp_path) -> None:
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 2), tmp_path)
+    first = unit.daemon
+    by_worker = _spread_clients(first, port, 3)
+    clients = [sock for socks in by_worker.values() for sock in socks]
+    # A kill leaves no time to pass anything on: wait until the store has them all.
+    wait_until(lambda: sum(name.endswith(".conn") for name in pid1.names()) == len(clients),
+               what="every connection in the store")
+    workers = children(first.pid)
+    second = unit.crash()  # kill -9 of the supervisor, then systemd's Restart=
+    wait_until(lambda: not any(_alive(pid) for pid in workers),
+               what="the old workers to die with their supervisor")
+    assert _took_over(second, len(clients)) == len(clients)
+    _all_echo(clients, b"after the crash")
+    for sock in clients:
+        sock.close()
+
+
+def test_sigterm_without_the_stop_hook_stops_workers_gracefully_with_hand_over_on(
+        pid1, start_muxd, tmp_path) -> None:
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 2), tmp_path)
+    by_worker = _spread_clients(unit.daemon, port, 2)
+    clients = [sock for socks in by_worker.values() for sock in socks]
+    wait_until(lambda: sum(name.endswith(".conn") for name in pid1.names()) == len(clients),
+               what="every connection in the store")
+    unit.daemon.signal(signal.SIGTERM)
+    assert unit.daemon.wait() == 0
+    assert "handing over" not in unit.daemon.log
+    for sock in clients:
+        sock.settimeout(5)
+        assert sock.recv(10) == b""
+    wait_until(lambda: pid1.names() == [], what="an empty store after a stop")
+    for sock in clients:
+        sock.close()
