@@ -25,7 +25,7 @@ from muxd.notify import Notifier
 from muxd.pollers import create_poller
 from muxd.resources import raise_nofile
 from muxd.signals import hold_until_handled
-from muxd.store_relay import AliasedStore, split_name, stored_listener_addresses
+from muxd.store_relay import AliasedStore, share_stored_listeners, split_name
 from muxd.udp import UdpEndpoint, bind_udp, inherited_endpoint
 
 EX_USAGE = 64
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         sockets = _inherited_sockets(handover) if workers else _open_sockets(config, handover)
         if workers and sockets is None:
             # Listeners the previous workers stored are ours (held by the store).
-            held = stored_listener_addresses(handover.stored)
+            held = share_stored_listeners(handover.stored)
             check_unserved(tuple(address for address in config.listen
                                  if (address.host, address.port) not in held), config.udp)
         metrics_sockets = _metrics_sockets(config)

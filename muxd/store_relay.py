@@ -74,9 +74,11 @@ def split_name(name: str) -> tuple[int | None, str]:
     return int(match.group(1)), match.group(2)
 
 
-def stored_listener_addresses(stored: list[tuple[int, str]]) -> set[tuple[str, int]]:
+def share_stored_listeners(stored: list[tuple[int, str]]) -> set[tuple[str, int]]:
     """(host, port) of every listening socket among ``stored`` (held by the store, so
-    not another program's: the supervisor's check for a served port skips them)."""
+    not another program's: the supervisor's check for a served port skips them). Each
+    gets SO_REUSEPORT before any worker is forked: one a single muxd stored was bound
+    without it, and the workers that bind their own on its address must join it."""
     found = set()
     for fd, _ in stored:
         try:
@@ -86,6 +88,7 @@ def stored_listener_addresses(stored: list[tuple[int, str]]) -> set[tuple[str, i
         try:
             if probe.type == socket.SOCK_STREAM and probe.getsockopt(
                     socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 host, port = probe.getsockname()[:2]
                 found.add((str(ipaddress.ip_address(host)), port))
         except (OSError, ValueError):
@@ -453,8 +456,12 @@ class StoreRelay:
             kind, what = outbox[0]
             if kind == "store":
                 for copy in what:  # type: ignore[union-attr]
-                    if copy.fd >= 0:
+                    if copy.fd < 0:
+                        continue  # hung up before it was passed on (closed: see _drop)
+                    if copy.poll:
                         store.queue(copy.fd, copy.stored_as)
+                    else:  # FDPOLL=0 (a parking socket): PID 1 must not watch it either
+                        store.queue(copy.fd, copy.stored_as, poll=False)
                 outbox.popleft()
                 continue
             if not store.flush():

@@ -521,3 +521,34 @@ def test_sigterm_without_the_stop_hook_stops_workers_gracefully_with_hand_over_o
     wait_until(lambda: pid1.names() == [], what="an empty store after a stop")
     for sock in clients:
         sock.close()
+
+
+def test_connections_follow_a_change_of_workers_across_restarts(
+        pid1, start_muxd, tmp_path) -> None:
+    """3 workers -> 2 (worker 2's go to worker 0) -> 1 (a single muxd takes every
+    worker's) -> 2 (the single muxd's go to worker 0; its listener, bound without
+    SO_REUSEPORT, is shared with worker 1's): every connection echoes after each."""
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 3), tmp_path)
+    clients = [connect(port) for _ in range(12)]
+    _all_echo(clients, b"hello")
+    serving = {worker_of(unit.daemon, sock) for sock in clients}
+    for workers in (2, 1, 2):
+        unit.config_path.write_text(workers_config(port, workers))
+        new = unit.restart()
+        if workers == 1:
+            new.wait_log(f"took over {len(clients)} connections")
+        else:
+            assert _took_over(new, len(clients)) == len(clients)
+        _all_echo(clients, b"with %d workers" % workers)
+        with connect(port) as fresh:
+            assert echo_once(fresh, b"new") == b"new"
+    assert len(serving) >= 2
+    # Both workers serve new clients: worker 1 joined the single muxd's listener.
+    fresh = [connect(port) for _ in range(24)]
+    _all_echo(fresh, b"spread")
+    assert len({worker_of(unit.daemon, sock) for sock in fresh}) == 2
+    for sock in (*clients, *fresh):
+        sock.close()
