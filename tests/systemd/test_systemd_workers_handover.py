@@ -26,7 +26,7 @@ from nspawn import (
 
 pytestmark = pytest.mark.systemd
 
-CLIENTS = 40
+CLIENTS = 40  # in both modes: muxd's own port, and muxd.socket
 PILERS = 4  # stop reading, so that each worker holds pending echo at the restart
 BUFFER_SIZE = 65536
 TOOK_OVER = re.compile(r"worker (\d+): took over (\d+) connections")
@@ -65,11 +65,12 @@ def all_echo(clients: list[socket.socket], word: bytes) -> None:
         assert echo_roundtrip(sock, message) == message, index
 
 
+@pytest.mark.parametrize("unit", ["muxd.service", "muxd.socket"])
 def test_workers_keep_every_connection_through_restart_worker_kill_and_supervisor_kill(
-        muxd: Container) -> None:
+        muxd: Container, unit: str) -> None:
     edit_ini(muxd, {("server", "workers"): "2", ("limits", "buffer_size"): str(BUFFER_SIZE)})
     add_drop_in(muxd, "muxd.service", "test-workers-handover", TEST_UNIT)
-    muxd.systemctl("start", "muxd")
+    muxd.systemctl("start", unit)  # muxd.socket: the workers share its listener
     clients = [muxd.connect(7) for _ in range(CLIENTS)]
     all_echo(clients, b"hello")
     rng = random.Random(7)
