@@ -14,7 +14,13 @@ except ``barrier``, which only a process on its way out calls.
 Removing: the store drops a socket by itself when it reports hang-up or error,
 so a connection is removed by shutting it down before closing it (see
 ``release``), which costs one system call and no message to PID 1; a state
-file is removed by name (``FDSTOREREMOVE=1``).
+file or a parking socket is removed by name (``FDSTOREREMOVE=1``).
+
+Not watched: ``poll=False`` (``queue``, ``store_now``) adds ``FDPOLL=0``, so
+PID 1 never watches that descriptor for hang-up (systemd >= 246). A parking
+socket (parking.py) needs it: its peer end is closed when the process ends,
+which makes it report hang-up, and PID 1 would otherwise drop it and every
+connection parked in it.
 
 Receiving: ``received()`` reads LISTEN_FDS/LISTEN_FDNAMES/LISTEN_PID and says
 what each descriptor *is* (socket type, listening or not, family, regular
@@ -64,7 +70,8 @@ class FdStore:
         self._address = _notify_address(notify_socket)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.setblocking(False)
-        self._queued: dict[int, str] = {}  # fd -> name, in the order queued
+        # fd -> (name, watched by PID 1), in the order queued
+        self._queued: dict[int, tuple[str, bool]] = {}
         self.sent = 0  # descriptors PID 1 accepted into its socket queue
         self.failed = 0  # descriptors that could not be sent (never retried)
         self.rejected: list[int] = []  # the queued ones among them, for the caller to take
@@ -75,8 +82,10 @@ class FdStore:
         """Descriptors queued and not yet sent (EAGAIN, or not flushed yet)."""
         return len(self._queued)
 
-    def queue(self, fd: int, name: str) -> None:
-        self._queued[fd] = name
+    def queue(self, fd: int, name: str, poll: bool = True) -> None:
+        """Send ``fd`` under ``name`` with the next ``flush``; ``poll=False``: PID 1
+        does not watch it for hang-up (FDPOLL=0)."""
+        self._queued[fd] = (name, poll)
 
     def unqueue(self, fd: int) -> bool:
         """Forget a descriptor that is about to be closed before it was sent (its
@@ -84,15 +93,15 @@ class FdStore:
         return self._queued.pop(fd, None) is not None
 
     def flush(self) -> bool:
-        """Send what is queued, one message per name and batch; stop at EAGAIN.
-        True when everything queued has been sent."""
+        """Send what is queued, one message per name (and FDPOLL) and batch; stop at
+        EAGAIN. True when everything queued has been sent."""
         queued = self._queued
         while queued:
-            name = next(iter(queued.values()))
-            batch = [fd for fd, fd_name in queued.items() if fd_name == name]
+            key = next(iter(queued.values()))
+            batch = [fd for fd, fd_key in queued.items() if fd_key == key]
             batch = batch[:MAX_FDS_PER_MESSAGE]
             try:
-                self._send(f"FDSTORE=1\nFDNAME={name}", batch)
+                self._send(_store_text(*key), batch)
             except BlockingIOError:
                 return False
             except OSError as err:
@@ -106,7 +115,10 @@ class FdStore:
         return True
 
     def remove(self, name: str) -> bool:
-        """Ask PID 1 to close every stored descriptor called ``name``."""
+        """Ask PID 1 to close every stored descriptor called ``name``. Never blocks:
+        False when the message could not be sent (``last_error``; BlockingIOError
+        when PID 1's queue is full: the caller may try again later). Sent after
+        everything sent before it, so flush() first what must be stored before."""
         try:
             self._send(f"FDSTOREREMOVE=1\nFDNAME={name}", [])
         except OSError as err:
@@ -114,13 +126,15 @@ class FdStore:
             return False
         return True
 
-    def store_now(self, fd: int, name: str, timeout: float = BARRIER_TIMEOUT) -> bool:
+    def store_now(self, fd: int, name: str, timeout: float = BARRIER_TIMEOUT,
+                  poll: bool = True) -> bool:
         """Store one descriptor at once, waiting (up to ``timeout``) for room in PID 1's
-        queue. Only for start-up and hand-over, never from a serving loop turn."""
+        queue. Only for start-up and hand-over, never from a serving loop turn.
+        ``poll=False``: PID 1 does not watch it for hang-up (FDPOLL=0)."""
         deadline = _monotonic() + timeout
         while True:
             try:
-                self._send(f"FDSTORE=1\nFDNAME={name}", [fd])
+                self._send(_store_text(name, poll), [fd])
             except BlockingIOError:
                 if _monotonic() >= deadline:
                     self.failed += 1
@@ -177,6 +191,10 @@ class FdStore:
     def _send(self, text: str, fds: list[int]) -> None:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
         self._sock.sendmsg([text.encode()], ancillary, 0, self._address)
+
+
+def _store_text(name: str, poll: bool) -> str:
+    return f"FDSTORE=1\nFDNAME={name}" + ("" if poll else "\nFDPOLL=0")
 
 
 def release(sock: socket.socket) -> None:
