@@ -458,10 +458,8 @@ class StoreRelay:
                 for copy in what:  # type: ignore[union-attr]
                     if copy.fd < 0:
                         continue  # hung up before it was passed on (closed: see _drop)
-                    if copy.poll:
-                        store.queue(copy.fd, copy.stored_as)
-                    else:  # FDPOLL=0 (a parking socket): PID 1 must not watch it either
-                        store.queue(copy.fd, copy.stored_as, poll=False)
+                    # FDPOLL=0 (a parking socket) stays so: PID 1 must not watch it either.
+                    store.queue(copy.fd, copy.stored_as, copy.poll)
                 outbox.popleft()
                 continue
             if not store.flush():
