@@ -197,7 +197,7 @@ def _handover_setup(config: Config, workers: bool) -> HandoverSetup:
 
 def _take_stored(handover: HandoverSetup, stored: list[tuple[int, str]]) -> None:
     """Sort what the store passed back; without hand-over, close it all. Names of a
-    worker's (``w<k>.``, after ``workers`` went down to 1) are taken as our own."""
+    worker's (``state-w<k>.``, after ``workers`` went down to 1) are taken as our own."""
     items = []
     aliases: dict[str, set[str]] = {}
     for fd, name in stored:

@@ -14,14 +14,14 @@ fork (a fresh one for every worker started):
   as with PID 1's queue); only store_now, flush_all and barrier wait, as theirs
   do, on the way out.
 * ``StoreRelay``, in the supervisor: forwards every request to PID 1 through the
-  real FdStore, with names namespaced by slot (``w<slot>.<name>``), in the order
+  real FdStore, with names namespaced by slot (``state-w<slot>.<name>``), in the order
   received; answers a worker's barrier after a real BARRIER=1 with PID 1; and
   keeps a copy of each slot's stored descriptors with the store's semantics:
   removed by name, dropped when it reports hang-up or error (PID 1 watches its
   copies for those and nothing else), unless stored with FDPOLL=0.
 
 At start the supervisor sorts what systemd passed back by slot (``assign``):
-``w<k>.`` names go to slot ``k mod workers`` (so after a restart worker k takes
+``state-w<k>.`` names go to slot ``k mod workers`` (so after a restart worker k takes
 over worker k's connections, and with fewer workers the remaining ones share
 them), names without a slot (a single muxd's) to slot 0. A removal by a worker
 of one of its names also removes those names of the slots it was given.
@@ -56,14 +56,18 @@ logger = logging.getLogger("muxd")
 STORE, REMOVE, BARRIER = "S", "R", "B"
 NO_POLL = "FDPOLL=0"
 _FDS_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array("i").itemsize)
-_SLOT_NAME = re.compile(r"w(\d{1,4})\.(.+)")
+# Under the state prefix on purpose (as handover.WAITING_NAME): a muxd that does not
+# know slot names (a downgrade) reads any name it does not know as a socket unit's and
+# refuses to start on a connected socket; a "state-" name it removes and closes.
+SLOT_PREFIX = "state-w"
+_SLOT_NAME = re.compile(r"state-w(\d{1,4})\.(.+)")
 RETRY_DELAY = 0.01  # PID 1's queue was full: try again this soon
 _WAIT_STEP = 0.005
 
 
 def slot_name(slot: int, name: str) -> str:
     """The store's name for worker ``slot``'s ``name`` (printable ASCII, no ':')."""
-    return f"w{slot}.{name}"
+    return f"{SLOT_PREFIX}{slot}.{name}"
 
 
 def split_name(name: str) -> tuple[int | None, str]:
@@ -288,7 +292,7 @@ class StoreRelay:
     # --- start --------------------------------------------------------------
 
     def assign(self, stored: list[tuple[int, str]]) -> None:
-        """What systemd passed back, by slot: ``w<k>.`` to slot k mod workers, names
+        """What systemd passed back, by slot: ``state-w<k>.`` to slot k mod workers, names
         without a slot to slot 0. These descriptors become the relay's copies."""
         count = len(self._slots)
         for fd, stored_as in stored:
@@ -538,7 +542,7 @@ def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 class AliasedStore:
-    """A single muxd given what workers stored (``w<k>.`` names, after ``workers``
+    """A single muxd given what workers stored (``state-w<k>.`` names, after ``workers``
     went down to 1): the store's interface, where removing a name also removes the
     slot names it was given under. Everything else is the real store's."""
 

@@ -48,10 +48,10 @@ def serve(relay: StoreRelay, until, what: str) -> None:
 
 
 def test_names_carry_the_slot_and_are_split_back() -> None:
-    assert slot_name(1, "conn") == "w1.conn"
-    assert split_name("w12.state-345") == (12, "state-345")
+    assert slot_name(1, "conn") == "state-w1.conn"
+    assert split_name("state-w12.state-345") == (12, "state-345")
     assert split_name("conn") == (None, "conn")
-    assert split_name("wx.conn") == (None, "wx.conn")
+    assert split_name("state-wx.conn") == (None, "state-wx.conn")
 
 
 def test_stores_reach_pid1_under_the_slot_and_copies_follow_the_store(pid1, relay) -> None:
@@ -64,7 +64,8 @@ def test_stores_reach_pid1_under_the_slot_and_copies_follow_the_store(pid1, rela
     assert worker.flush()
     assert worker.store_now(state, "state-1")
     os.close(state)
-    serve(relay, lambda: sorted(pid1.names()) == ["w1.conn", "w1.park", "w1.state-1"],
+    expected = ["state-w1.conn", "state-w1.park", "state-w1.state-1"]
+    serve(relay, lambda: sorted(pid1.names()) == expected,
           "the three in PID 1's store under worker 1's names")
     assert sorted(name for _, name in relay.handed_to(1)) == ["conn", "park", "state-1"]
     assert relay.handed_to(0) == []
@@ -80,7 +81,7 @@ def test_stores_reach_pid1_under_the_slot_and_copies_follow_the_store(pid1, rela
     worker.remove("state-1")
     serve(relay, lambda: [name for _, name in relay.handed_to(1)] == ["park"],
           "the state's copy removed")
-    wait_until(lambda: "w1.state-1" in pid1.removals, what="FDSTOREREMOVE=1 of w1.state-1")
+    wait_until(lambda: "state-w1.state-1" in pid1.removals, what="its FDSTOREREMOVE=1")
 
     # A barrier comes back once PID 1 has processed everything before it.
     worker.remove("park")
@@ -90,13 +91,14 @@ def test_stores_reach_pid1_under_the_slot_and_copies_follow_the_store(pid1, rela
     serve(relay, lambda: confirmed, "the barrier confirmed")
     waiter.join()
     assert confirmed == [True]
-    assert "w1.park" in pid1.removals and relay.handed_to(1) == []
+    assert "state-w1.park" in pid1.removals and relay.handed_to(1) == []
     worker.close()
 
 
 def test_what_systemd_passed_back_is_sorted_by_slot_modulo_the_workers(relay) -> None:
     fds = [os.memfd_create(f"x{index}") for index in range(4)]
-    relay.assign(list(zip(fds, ["w0.conn", "w1.conn", "w2.conn", "conn"], strict=True)))
+    names = ["state-w0.conn", "state-w1.conn", "state-w2.conn", "conn"]
+    relay.assign(list(zip(fds, names, strict=True)))
     assert sorted(relay.handed_to(0)) == sorted([(fds[0], "conn"), (fds[2], "conn"),
                                                  (fds[3], "conn")])
     assert relay.handed_to(1) == [(fds[1], "conn")]
