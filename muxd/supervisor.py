@@ -40,6 +40,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from muxd.access import AccessPolicy
 from muxd.config import RESTART_ONLY_FIELDS, Config, ConfigError, changed_fields, load_config
@@ -52,6 +53,9 @@ from muxd.signals import HANDLED, RELAYED_STOP, SignalQueue, block
 from muxd.timers import Timers
 from muxd.worker import run_worker
 from muxd.worker_reports import Inbox, combined_status
+
+if TYPE_CHECKING:
+    from muxd.store_relay import StoreRelay
 
 logger = logging.getLogger("muxd")
 
@@ -109,7 +113,7 @@ class Supervisor:
         self._signals = SignalQueue((*HANDLED, signal.SIGCHLD))
         self._poller = create_poller("poll")
         # Hand-over: the relay between the workers' stores and systemd's.
-        self.relay = None
+        self.relay: StoreRelay | None = None
         self._armed_at: float | None = None
         self.handing_over = False
         self._store_capacity = store_capacity // max(1, config.workers)

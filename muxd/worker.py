@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from muxd.config import Config
 from muxd.fdstore import classify, drop
@@ -31,6 +32,9 @@ from muxd.notify import Notifier
 from muxd.pollers import create_poller
 from muxd.signals import RELAYED_STOP, take_stops_from_supervisor
 from muxd.udp import bind_udp
+
+if TYPE_CHECKING:
+    from muxd.cli import HandoverSetup  # cli imports the supervisor, which imports us
 
 logger = logging.getLogger("muxd")
 
@@ -114,7 +118,8 @@ def _serve(index: int, config: Config, config_path: str | None, inherited: tuple
     return server.run()
 
 
-def _take_handed(channel: socket.socket, handed: list[tuple[int, str]], capacity: int):
+def _take_handed(channel: socket.socket, handed: list[tuple[int, str]], capacity: int
+                 ) -> HandoverSetup:
     """The worker's store (the relay) and what its slot left in it, sorted by name and
     by what each is, as a single process sorts what systemd passes it."""
     from muxd.cli import HandoverSetup
