@@ -297,7 +297,7 @@ class StoreRelay:
         count = len(self._slots)
         for fd, stored_as in stored:
             slot, name = split_name(stored_as)
-            self._keep(Copy(fd, (slot or 0) % count, name, stored_as))
+            self._keep(Copy(fd, (slot or 0) % count, name, stored_as, _watched(fd)))
         if stored:
             logger.info("file descriptor store: %d descriptor(s) for %d worker(s): %s",
                         len(stored), count, ", ".join(
@@ -529,6 +529,21 @@ class StoreRelay:
                     sock.close()
         self._epoll.close()
         self.store.close()
+
+
+def _watched(fd: int) -> bool:
+    """Whether PID 1 watches an inherited descriptor for hang-up: LISTEN_FDS does not
+    say if it was stored with FDPOLL=0. muxd stores that way only its parking sockets
+    (AF_UNIX, whose peer end is closed once their process ends: watched, they would be
+    dropped here at once); its TCP sockets it stores watched."""
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        return True  # not a socket: nothing to watch anyway
+    try:
+        return probe.family != socket.AF_UNIX
+    finally:
+        probe.detach()
 
 
 def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:

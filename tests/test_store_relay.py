@@ -102,3 +102,21 @@ def test_what_systemd_passed_back_is_sorted_by_slot_modulo_the_workers(relay) ->
     assert sorted(relay.handed_to(0)) == sorted([(fds[0], "conn"), (fds[2], "conn"),
                                                  (fds[3], "conn")])
     assert relay.handed_to(1) == [(fds[1], "conn")]
+
+
+def test_an_inherited_parking_socket_is_not_dropped_when_its_peer_is_gone(relay) -> None:
+    """LISTEN_FDS does not say what was stored with FDPOLL=0: an inherited AF_UNIX socket
+    (a parking socket, whose sending end went with the process before) is kept, as PID 1
+    keeps it; an inherited socket that hung up otherwise is dropped, as PID 1 drops it."""
+    parked, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sender.close()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    client.close()
+    accepted.shutdown(socket.SHUT_RDWR)  # both directions shut: it reports hang-up
+    relay.assign([(parked.detach(), "state-w0.state-park-1-1"),
+                  (accepted.detach(), "state-w0.conn")])
+    serve(relay, lambda: [name for _, name in relay.handed_to(0)] == ["state-park-1-1"],
+          "the hung-up connection dropped, the parking socket kept")
+    listener.close()
