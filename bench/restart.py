@@ -40,11 +40,13 @@ from bench.fakestore import FakeStore
 from bench.procstat import open_fd_count
 from bench.runner import pick_cores
 from bench.servers import free_port, pin_to_core, stop_process
+from muxd.store_relay import split_name
 
 CONFIG = """\
 [server]
 listen = 127.0.0.1:{port}
 handover = yes
+workers = {workers}
 [limits]
 nofile = {nofile}
 max_connections = {max_connections}
@@ -107,13 +109,18 @@ def _start(pid1: Pid1, argv: list[str], env: dict[str, str], core: int, log: Pat
     return pid
 
 
-def _taken_over(log: Path) -> int:
+def _taken_over(log: Path, workers: int) -> int:
+    """The newest process's take-over (with workers: its workers' lines, one each)."""
     found = TAKEOVER.findall(log.read_text(errors="replace"))
-    return int(found[-1]) if found else 0
+    return sum(int(count) for count in found[-workers:])
+
+
+def _own_name(name: str) -> str:
+    return split_name(name)[1]  # with workers the store's names carry the slot
 
 
 def restart_once(pid1: Pid1, old: int, argv: list[str], env: dict[str, str], core: int,
-                 log: Path) -> tuple[int, Restart]:  # fmt: skip
+                 log: Path, workers: int = 1) -> tuple[int, Restart]:  # fmt: skip
     store = pid1.store
     store.drain()
     # The stop hook's signal, then systemd's SIGTERM (muxd takes SIGURG first).
@@ -128,7 +135,7 @@ def restart_once(pid1: Pid1, old: int, argv: list[str], env: dict[str, str], cor
     launched = time.monotonic()
     new = _start(pid1, argv, env, core, log)
     ready = pid1.ready[new]
-    return new, Restart(ready - sent, exited - sent, ready - launched, _taken_over(log),
+    return new, Restart(ready - sent, exited - sent, ready - launched, _taken_over(log, workers),
                         store.cpu_s[old] - cpu_before, _cpu_s(new))
 
 
@@ -139,6 +146,17 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _family_fd_count(pid: int) -> int:
+    """Open descriptors of muxd `pid` and of its workers (its children), if any."""
+    total = open_fd_count(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            total += sum(open_fd_count(int(child)) for child in children.read().split())
+    except FileNotFoundError:  # a child that has just exited
+        pass
+    return total
+
+
 def wait_held(pid1: Pid1, pid: int, baseline: int, conns: int,
               timeout: float = HOLD_TIMEOUT_S) -> None:
     """Until muxd `pid` has accepted `conns` connections (its own descriptor table: a
@@ -146,7 +164,7 @@ def wait_held(pid1: Pid1, pid: int, baseline: int, conns: int,
     process will find it: one store entry per connection (muxd up to d9e4aa9), or none
     (parking: a few parking sockets hold them all, filled in the accepting turn).
     `baseline`: its open descriptors before the first connection."""
-    pid1.wait(lambda: open_fd_count(pid) >= baseline + conns,
+    pid1.wait(lambda: _family_fd_count(pid) >= baseline + conns,
               f"muxd to accept {conns} connections", timeout)
     pid1.store.drain()
     pid1.wait(lambda: pid1.store.held("conn") in range(1) or pid1.store.held("conn") >= conns,
@@ -185,7 +203,7 @@ def _line_from(pid1: Pid1, process: subprocess.Popen[str], timeout: float) -> st
     return line[0] if line else ""
 
 
-def run(conns: int, reps: int, size: int) -> dict[str, Any]:
+def run(conns: int, reps: int, size: int, workers: int = 1) -> dict[str, Any]:
     _raise_nofile(conns + 256)
     server_core, client_core = pick_cores()
     pin_to_core(client_core)  # PID 1's side runs beside the idle client, not on muxd's core
@@ -194,7 +212,7 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
         scratch = Path(scratch_dir)
         port = free_port()
         config = scratch / "muxd.ini"
-        config.write_text(CONFIG.format(port=port, nofile=conns + 1024,
+        config.write_text(CONFIG.format(port=port, nofile=conns + 1024, workers=workers,
                                         max_connections=conns + 64))  # fmt: skip
         pid1 = Pid1(scratch, store_max=conns + 64)
         store = pid1.store
@@ -205,7 +223,7 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
         current = 0
         try:
             current = _start(pid1, argv, env, server_core, log)
-            baseline = open_fd_count(current)
+            baseline = _family_fd_count(current)
             client = _loadgen(port, conns, size, current, client_core)
             line = _line_from(pid1, client, HOLD_TIMEOUT_S)
             if not line.startswith("READY"):
@@ -214,7 +232,8 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
             print(f"holding {conns:,} connections (the store has {store.held('conn'):,}); "
                   f"{reps} restarts", file=sys.stderr, flush=True)  # fmt: skip
             for rep in range(reps):
-                current, result = restart_once(pid1, current, argv, env, server_core, log)
+                current, result = restart_once(pid1, current, argv, env, server_core, log,
+                                               workers)
                 restarts.append(result)
                 print(f"  restart {rep + 1}: {result.total_s:.3f} s (hand-over "
                       f"{result.handover_s:.3f} s, start {result.start_s:.3f} s; CPU "
@@ -224,7 +243,7 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
                     raise RestartFailed(f"took over {result.taken_over} of {conns} connections")
                 store.drain()  # what the new process sent up to its READY=1
                 # (state-<pid>: the state memfd; parking sockets are state-park-*)
-                if any(STATE_NAME.fullmatch(name) for name in store.stored.values()):
+                if any(STATE_NAME.fullmatch(_own_name(name)) for name in store.stored.values()):
                     raise RestartFailed("the hand-over state was not removed from the store: "
                                         f"{sorted(set(store.stored.values()))}")
             assert client.stdin is not None
@@ -251,6 +270,7 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
             store.close()
     return {
         "conns": conns,
+        "workers": workers,
         "size": size,
         "echoed_after": echoed,
         "restarts": [asdict(r) for r in restarts],
@@ -270,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conns", type=int, default=10_000, help="connections held")
     parser.add_argument("--reps", type=int, default=5, help="restarts (default 5)")
     parser.add_argument("--size", type=int, default=1024, help="the final echo's size")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="[server] workers (default 1; with more, on muxd's one core)")
     parser.add_argument("--out", type=Path, default=OUT_DIR / "restart.json")
     args = parser.parse_args(argv)
     if args.conns < 1 or args.reps < 1:
@@ -277,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     compiled(LOADGEN_SOURCE)
     try:
-        result = run(args.conns, args.reps, args.size)
+        result = run(args.conns, args.reps, args.size, args.workers)
     except RestartFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

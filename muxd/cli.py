@@ -28,6 +28,7 @@ from muxd.parking import unpark
 from muxd.pollers import create_poller
 from muxd.resources import raise_nofile
 from muxd.signals import hold_until_handled
+from muxd.store_relay import AliasedStore, share_stored_listeners, split_name
 from muxd.udp import UdpEndpoint, bind_udp, inherited_endpoint
 
 EX_USAGE = 64
@@ -110,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         # inherited ones are taken here, before the environment is cleared.
         sockets = _inherited_sockets(handover) if workers else _open_sockets(config, handover)
         if workers and sockets is None:
-            check_unserved(config.listen, config.udp)
+            # Listeners the previous workers stored are ours (held by the store).
+            held = share_stored_listeners(handover.stored)
+            check_unserved(tuple(address for address in config.listen
+                                 if (address.host, address.port) not in held), config.udp)
         metrics_sockets = _metrics_sockets(config)
     except ListenerError as err:
         if sockets:
@@ -148,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             from muxd.supervisor import Supervisor
 
             status = Supervisor(config, args.config, sockets, notifier, hooks,
-                                metrics_sockets=metrics_sockets).run()
+                                metrics_sockets=metrics_sockets,
+                                store=handover.store if handover.enabled else None,
+                                stored=handover.stored, store_capacity=handover.capacity).run()
             return status
         from muxd.loop import EchoServer
 
@@ -172,11 +178,15 @@ def main(argv: list[str] | None = None) -> int:
             context.close()
 
 
-class _HandoverSetup:
+class HandoverSetup:
     """Whether hand-over is on, the store, and what the previous process left."""
 
-    def __init__(self, enabled: bool, notify_socket: str, capacity: int) -> None:
+    def __init__(self, enabled: bool, notify_socket: str, capacity: int,
+                 workers: bool = False) -> None:
         self.enabled = enabled
+        self.workers = workers
+        # With workers: what the store passed back, unsorted, for the supervisor's relay.
+        self.stored: list[tuple[int, str]] = []
         self.notify_socket = notify_socket
         self.capacity = capacity
         self.store: FdStore | None = None
@@ -194,25 +204,31 @@ class _HandoverSetup:
         return self.store
 
 
-def _handover_setup(config: Config, workers: bool) -> _HandoverSetup:
-    """Hand-over is on when the config says so, systemd gave a store ($FDSTORE)
-    and there is one process."""
+def _handover_setup(config: Config, workers: bool) -> HandoverSetup:
+    """Hand-over is on when the config says so and systemd gave a store ($FDSTORE);
+    with workers the supervisor's relay is every worker's store (store_relay.py)."""
     notify_socket = os.environ.get("NOTIFY_SOCKET", "")
     capacity = store_capacity() if notify_socket else 0
-    if config.handover and capacity > 0 and workers:
-        logger.warning("[server] handover is off with [server] workers > 1: a restart closes every "
-                       "connection")
-    setup = _HandoverSetup(config.handover and capacity > 0 and not workers, notify_socket,
-                           capacity)
+    setup = HandoverSetup(config.handover and capacity > 0, notify_socket, capacity, workers)
     if setup.enabled:
         setup.open_store()
     return setup
 
 
-def _take_stored(handover: _HandoverSetup, stored: list[tuple[int, str]]) -> None:
-    """Sort what the store passed back; without hand-over, close it all."""
-    items = [classify(fd, name) for fd, name in stored]
-    inheritance = handover.inheritance = sort_inherited(items, handover.open_store())
+def _take_stored(handover: HandoverSetup, stored: list[tuple[int, str]]) -> None:
+    """Sort what the store passed back; without hand-over, close it all. Names of a
+    worker's (``state-w<k>.``, after ``workers`` went down to 1) are taken as our own."""
+    items = []
+    aliases: dict[str, set[str]] = {}
+    for fd, name in stored:
+        _, own = split_name(name)
+        if own != name:
+            aliases.setdefault(own, set()).add(name)
+        items.append(classify(fd, own))
+    store = handover.open_store()
+    if aliases and store is not None:
+        store = handover.store = AliasedStore(store, aliases)  # type: ignore[assignment]
+    inheritance = handover.inheritance = sort_inherited(items, store)
     if not handover.enabled:
         parked = unpark(inheritance.segments, set())
         connections = inheritance.connections + inheritance.waiting + parked.live
@@ -241,7 +257,7 @@ def _release(item: Received) -> None:
     sock.close()
 
 
-def _inherited_sockets(handover: _HandoverSetup
+def _inherited_sockets(handover: HandoverSetup
                        ) -> tuple[list[Listener], list[UdpEndpoint]] | None:
     """TCP listeners and UDP endpoints passed by systemd socket activation
     (the config's addresses are then not bound), or None when not activated.
@@ -249,7 +265,8 @@ def _inherited_sockets(handover: _HandoverSetup
     required = socket_activation_required()
     # The store may still hold one entry per connection, from the release before
     # parking (an upgrade): not only as many as the store's size now.
-    found = inherited_sockets(is_store_name, max(handover.capacity, LEGACY_STORE_ENTRIES))
+    found = inherited_sockets(lambda name: is_store_name(split_name(name)[1]),
+                              max(handover.capacity, LEGACY_STORE_ENTRIES))
     if found is None:
         if required:
             raise no_socket_passed()
@@ -259,7 +276,9 @@ def _inherited_sockets(handover: _HandoverSetup
         raise ListenerError("socket activation passed no sockets (LISTEN_FDS=0)", EX_CONFIG)
     if not inherited and required:
         raise no_socket_passed()  # only muxd's own store came back
-    if stored:
+    if stored and handover.workers and handover.enabled:
+        handover.stored = stored  # sorted by slot in the supervisor (store_relay.py)
+    elif stored:
         _take_stored(handover, stored)
     if not inherited:
         return None
@@ -278,13 +297,27 @@ def _inherited_sockets(handover: _HandoverSetup
     return listeners, endpoints
 
 
-def _open_sockets(config: Config, handover: _HandoverSetup
+def _open_sockets(config: Config, handover: HandoverSetup
                   ) -> tuple[list[Listener], list[UdpEndpoint]]:
     """Inherited sockets, else those bound from the configuration (keeping the
     listeners of the previous process whose address is still in ``listen``)."""
     inherited = _inherited_sockets(handover)
     if inherited is not None:
         return inherited
+    ordered = open_own_listeners(config, handover)
+    try:
+        return ordered, bind_udp(config.udp)
+    except ListenerError:
+        for listener in ordered:
+            listener.sock.close()
+        raise
+
+
+def open_own_listeners(config: Config, handover: HandoverSetup, reuse_port: bool = False
+                       ) -> list[Listener]:
+    """The listeners of ``listen``: those the previous process stored whose address is
+    still in it, the others bound (``reuse_port``: a worker's); with hand-over, the new
+    ones are stored. A worker calls this too, with its relay as the store."""
     kept: dict[Address, Listener] = {}
     inheritance = handover.inheritance
     if inheritance is not None:
@@ -298,11 +331,12 @@ def _open_sockets(config: Config, handover: _HandoverSetup
                 kept[address] = Listener(sock, str(address))
             else:
                 sock.detach()
-                drop(item, f"its address {address} is no longer in [server] listen")
+                drop(item, f"its address {address} is no longer in [server] listen"
+                     if address not in wanted else f"another listener on {address} is kept")
         inheritance.own_listeners = [item for item in inheritance.own_listeners
                                      if any(k.fd == item.fd for k in kept.values())]
     fresh = tuple(address for address in config.listen if address not in kept)
-    listeners = bind_listeners(fresh, config.backlog) if fresh else []
+    listeners = bind_listeners(fresh, config.backlog, reuse_port) if fresh else []
     if handover.enabled and handover.store is not None:
         store = handover.store
         again = list(listeners)
@@ -314,13 +348,7 @@ def _open_sockets(config: Config, handover: _HandoverSetup
             store.store_now(listener.fd, LISTENER_NAME)
         handover.stored_listeners = [*kept.values(), *listeners]
     by_address = {**kept, **{_address_of(listener.sock): listener for listener in listeners}}
-    ordered = [by_address[address] for address in config.listen if address in by_address]
-    try:
-        return ordered, bind_udp(config.udp)
-    except ListenerError:
-        for listener in ordered:
-            listener.sock.close()
-        raise
+    return [by_address[address] for address in config.listen if address in by_address]
 
 
 def _metrics_sockets(config: Config) -> list[socket.socket]:

@@ -23,6 +23,14 @@ exits once they have; SIGHUP is checked here first (a broken file is refused
 once, here; restart-only fields keep their running values) and then reloaded
 by each worker; SIGUSR1 makes each log its counters. A worker that dies is
 replaced after a back-off that grows while replacements keep dying.
+
+Hand-over (systemd gave a file descriptor store): each worker's store is the
+supervisor (muxd.store_relay owns that relay and its copies). The unit's stop
+hook signals the supervisor (SIGURG, to $MAINPID); it relays that to every
+worker, so the SIGTERM that follows within the arming window makes each worker
+hand over, through the relay, and the supervisor exits once they have and
+PID 1 confirmed all of it (BARRIER=1). A replaced worker is given what the one
+before it stored (the relay's copies), as a new process is given the store.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from muxd.config import (
     RESTART_ONLY_FIELDS,
@@ -42,6 +51,8 @@ from muxd.config import (
     key_name,
     load_config,
 )
+from muxd.fdstore import FdStore
+from muxd.handover import ARM_WINDOW, RESTART_SIGNAL
 from muxd.logs import set_level
 from muxd.notify import Notifier, watchdog_interval
 from muxd.pollers import READ, create_poller
@@ -49,6 +60,9 @@ from muxd.signals import HANDLED, RELAYED_STOP, SignalQueue, block
 from muxd.timers import Timers
 from muxd.worker import run_worker
 from muxd.worker_reports import Inbox, combined_status
+
+if TYPE_CHECKING:
+    from muxd.store_relay import StoreRelay
 
 logger = logging.getLogger("muxd")
 
@@ -83,7 +97,8 @@ class Slot:
 class Supervisor:
     def __init__(self, config: Config, config_path: str | None, inherited: tuple | None,
                  notifier: Notifier, test_hooks: frozenset[str],
-                 metrics_sockets: list | None = None) -> None:
+                 metrics_sockets: list | None = None, store: FdStore | None = None,
+                 stored: list[tuple[int, str]] | None = None, store_capacity: int = 0) -> None:
         self.config = config
         self.config_path = config_path
         self.inherited = inherited  # (listeners, udp endpoints) from socket activation
@@ -104,6 +119,16 @@ class Supervisor:
         self._inbox = Inbox()
         self._signals = SignalQueue((*HANDLED, signal.SIGCHLD))
         self._poller = create_poller("poll")
+        # Hand-over: the relay between the workers' stores and systemd's.
+        self.relay: StoreRelay | None = None
+        self._armed_at: float | None = None
+        self.handing_over = False
+        self._store_capacity = store_capacity // max(1, config.workers)
+        if store is not None:
+            from muxd.store_relay import StoreRelay
+
+            self.relay = StoreRelay(store, config.workers, self.timers, lambda: self._now)
+            self.relay.assign(stored or [])
         self.metrics = None
         if metrics_sockets:  # [metrics] listen: one endpoint for the service
             from muxd.service_metrics import ServiceMetrics  # h11 only when it serves
@@ -117,6 +142,8 @@ class Supervisor:
     def run(self) -> int:
         self._poller.register(self._inbox.fd, READ)
         self._poller.register(self._signals.fd, READ)
+        if self.relay is not None:
+            self._poller.register(self.relay.fd, READ)
         if self.metrics is not None:
             self.metrics.start()
         logger.info("supervisor: starting %d workers", len(self.slots))
@@ -132,13 +159,24 @@ class Supervisor:
                 for fd, _ in events:
                     if fd == self._inbox.fd:
                         self._read_notifications()
+                    elif self.relay is not None and fd == self.relay.fd:
+                        self.relay.on_ready()
                     elif self.metrics is not None and self.metrics.owns(fd):
                         self.metrics.on_event(fd)
                     else:
-                        for signum in self._signals.take():
+                        # The stop hook's restart signal first: with the SIGTERM
+                        # right behind it, both may be taken at once, in number order.
+                        for signum in sorted(self._signals.take(),
+                                             key=RESTART_SIGNAL.__ne__):
                             self._on_signal(signum)
                 self.timers.run_due(self._now)
+            if self.handing_over and self.relay is not None:
+                confirmed = self.relay.finish()
+                logger.info("supervisor: every worker handed over%s",
+                            "" if confirmed else "; systemd did not confirm (BARRIER) in time")
         finally:
+            if self.relay is not None:
+                self.relay.close()  # our copies only: the store keeps what it holds
             if self.metrics is not None:
                 self.metrics.close()
             self._signals.close()
@@ -155,6 +193,9 @@ class Supervisor:
         # until then it would run the supervisor's handlers, or die of SIGHUP.
         previous_mask = block({*HANDLED, RELAYED_STOP, signal.SIGCHLD})
         channel = self.metrics.channel_for(index) if self.metrics is not None else None
+        relay = self.relay
+        store_channel = relay.channel_for(index) if relay is not None else None
+        handed = relay.handed_to(index) if relay is not None else []
         try:
             pid = os.fork()
         except OSError as err:  # out of processes or memory: try again later
@@ -170,8 +211,12 @@ class Supervisor:
                        supervisor_pid=self._supervisor_pid, notify_address=self._inbox.address,
                        heartbeat=HEARTBEAT,
                        drop_supervisor_state=lambda: self._drop_in_worker(index),
-                       test_hooks=self.test_hooks, metrics_channel=channel)
+                       test_hooks=self.test_hooks, metrics_channel=channel,
+                       store_channel=store_channel, store_handed=handed,
+                       store_capacity=self._store_capacity)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        if relay is not None:
+            relay.worker_started(index)
         slot.worker = self.workers[pid] = Worker(index, pid, self._now, last_ping=self._now)
         if self.metrics is not None:
             self.metrics.worker_started(index, pid)
@@ -184,6 +229,8 @@ class Supervisor:
         self._poller.close()
         if self.metrics is not None:
             self.metrics.in_worker(index)
+        if self.relay is not None:
+            self.relay.in_worker(index)
         self.notifier.close()
 
     # --- what workers say ------------------------------------------------
@@ -227,6 +274,12 @@ class Supervisor:
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
             self._reap()
+        elif signum == RESTART_SIGNAL:
+            if self.relay is not None and not self.stopping:
+                self._armed_at = self._now
+                logger.info("supervisor: the stop hook says this stop is a restart: "
+                            "every worker hands its connections over")
+                self._forward(RESTART_SIGNAL)
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self._stop(signal.Signals(signum).name)
         elif signum == signal.SIGHUP:
@@ -253,6 +306,17 @@ class Supervisor:
             self._forward(RELAYED_STOP)  # a second signal: the workers close at once
             return
         self.stopping = True
+        armed = self._armed_at
+        if signame == "SIGTERM" and armed is not None and self._now - armed <= ARM_WINDOW:
+            # Each worker was armed too: the relayed stop makes it hand over.
+            self.handing_over = True
+            logger.info("supervisor: %s: %d workers hand their connections over", signame,
+                        len(self.workers))
+            self.notifier.send("STOPPING=1", "STATUS=restarting: handing connections over")
+            self._forward(RELAYED_STOP)
+            self.timers.call_at(self._now + self.config.shutdown_timeout + 3,
+                                self._kill_stragglers)
+            return
         logger.info("supervisor: %s: stopping %d workers", signame, len(self.workers))
         timeout = self.config.shutdown_timeout
         self.notifier.send("STOPPING=1", f"STATUS=stopping ({signame})",
@@ -319,6 +383,8 @@ class Supervisor:
                 continue
             slot = self.slots[worker.slot]
             slot.worker = None
+            if self.relay is not None:
+                self.relay.worker_gone(worker.slot)  # what it sent before it exited
             if self.metrics is not None:
                 self.metrics.worker_gone(worker.slot)
             how = _describe_exit(wait_status)

@@ -22,6 +22,7 @@ from daemon_harness import (
 )
 
 from muxd.listeners import EX_UNAVAILABLE
+from muxd.store_relay import split_name
 
 
 def workers_config(port: int, workers: int = 2, **limits: object) -> str:
@@ -389,3 +390,173 @@ def test_a_worker_that_cannot_be_forked_is_tried_again(start_muxd) -> None:
         wait_until(lambda: not (group / "cgroup.procs").read_text().strip(),
                    what="the test's cgroup to empty")
         group.rmdir()
+
+
+# --- hand-over with workers: the supervisor relays each worker's store -------------
+# The test plays PID 1 and its store (fake_systemd.py); a restart is the stop hook's
+# SIGURG to the supervisor ($MAINPID), then SIGTERM.
+
+
+def _spread_clients(daemon, port: int, per_worker: int) -> dict[int, list[socket.socket]]:
+    """At least ``per_worker`` echoing clients on each of the two workers, by worker PID."""
+    by_worker: dict[int, list[socket.socket]] = {}
+    for index in range(64):  # the kernel picks the worker; bounded tries
+        sock = connect(port)
+        assert echo_once(sock, b"hello %d" % index) == b"hello %d" % index
+        by_worker.setdefault(worker_of(daemon, sock), []).append(sock)
+        if len(by_worker) == 2 and min(map(len, by_worker.values())) >= per_worker:
+            return by_worker
+    raise AssertionError("the kernel never gave each worker enough clients")
+
+
+def _took_over(daemon, expected: int) -> int:
+    """Connections the workers of ``daemon`` say they took over, once they add up."""
+    pattern = re.compile(r"worker \d+: took over (\d+) connections")
+
+    def total() -> int:
+        return sum(int(count) for count in pattern.findall(daemon.log))
+
+    wait_until(lambda: total() >= expected, what=f"{expected} connections taken over")
+    return total()
+
+
+def _kept_by_pid1(pid1, connections: int) -> bool:
+    """Whether PID 1's store holds what keeps ``connections`` across a crash: one entry
+    per connection (``conn``), or each worker's parking socket (``state-park-...``,
+    which a connection is parked into only once the store holds it)."""
+    names = [split_name(name) for name in pid1.names()]
+    parking = {slot for slot, name in names if name.startswith("state-park-")}
+    return sum(name == "conn" for _, name in names) == connections or parking == {0, 1}
+
+
+def _all_echo(clients: list[socket.socket], message: bytes) -> None:
+    for sock in clients:
+        assert echo_once(sock, message) == message
+
+
+def test_restart_with_workers_keeps_every_connection_and_its_pending_echo(
+        pid1, start_muxd, tmp_path) -> None:
+    from daemon_harness import recv_exactly
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 2, buffer_size=65536), tmp_path)
+    first = unit.daemon
+    by_worker = _spread_clients(first, port, 3)
+    talkers = [sock for socks in by_worker.values() for sock in socks]
+    slow = connect_slow_reader(port)
+    stream = os.urandom(16 << 20)
+    sent = push_until_stalled(slow, stream)  # its worker holds pending echo, paused
+    assert sent < len(stream)  # checked against stream[:sent]: a wrapped send would not match
+
+    second = unit.restart()
+    assert "every worker handed over" in first.log
+    assert _took_over(second, len(talkers) + 1) == len(talkers) + 1
+    assert "KiB of pending echo" in second.log
+    _all_echo(talkers, b"after")
+    slow.settimeout(10)
+    assert recv_exactly(slow, sent) == stream[:sent]
+    with connect(port) as fresh:  # the kept listeners serve new clients
+        assert echo_once(fresh, b"new") == b"new"
+
+    third = unit.restart()  # and again, from the workers that took over
+    assert _took_over(third, len(talkers) + 1) == len(talkers) + 1
+    _all_echo([*talkers, slow], b"again")
+    assert not any(name.endswith("state-" + str(third.pid)) for name in pid1.names())
+    for sock in (*talkers, slow):
+        sock.close()
+
+
+def test_a_killed_worker_s_replacement_takes_over_its_connections(
+        pid1, start_muxd, tmp_path) -> None:
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 2), tmp_path)
+    daemon = unit.daemon
+    by_worker = _spread_clients(daemon, port, 3)
+    victim, survivor = sorted(by_worker)
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_log(f"(pid {victim}) was killed by SIGKILL; replacing it")
+    daemon.wait_log(f"took over {len(by_worker[victim])} connections and 1 listeners "
+                    "without hand-over state")
+    _all_echo(by_worker[victim], b"to the replacement")
+    _all_echo(by_worker[survivor], b"never noticed")
+    (replacement,) = children(daemon.pid) - {survivor}
+    assert re.search(rf"muxd\[{replacement}\] INFO: worker \d+: took over "
+                     f"{len(by_worker[victim])} connections", daemon.log)
+    for socks in by_worker.values():
+        for sock in socks:
+            sock.close()
+
+
+def test_a_killed_supervisor_leaves_every_connection_to_the_next_one(
+        pid1, start_muxd, tmp_path) -> None:
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 2), tmp_path)
+    first = unit.daemon
+    by_worker = _spread_clients(first, port, 3)
+    clients = [sock for socks in by_worker.values() for sock in socks]
+    # A kill leaves no time to pass anything on: wait until the store has them all.
+    wait_until(lambda: _kept_by_pid1(pid1, len(clients)), what="every connection kept")
+    workers = children(first.pid)
+    second = unit.crash()  # kill -9 of the supervisor, then systemd's Restart=
+    wait_until(lambda: not any(_alive(pid) for pid in workers),
+               what="the old workers to die with their supervisor")
+    assert _took_over(second, len(clients)) == len(clients)
+    _all_echo(clients, b"after the crash")
+    for sock in clients:
+        sock.close()
+
+
+def test_sigterm_without_the_stop_hook_stops_workers_gracefully_with_hand_over_on(
+        pid1, start_muxd, tmp_path) -> None:
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 2), tmp_path)
+    by_worker = _spread_clients(unit.daemon, port, 2)
+    clients = [sock for socks in by_worker.values() for sock in socks]
+    wait_until(lambda: _kept_by_pid1(pid1, len(clients)), what="every connection kept")
+    unit.daemon.signal(signal.SIGTERM)
+    assert unit.daemon.wait() == 0
+    assert "handing over" not in unit.daemon.log
+    for sock in clients:
+        sock.settimeout(5)
+        assert sock.recv(10) == b""
+    wait_until(lambda: pid1.names() == [], what="an empty store after a stop")
+    for sock in clients:
+        sock.close()
+
+
+def test_connections_follow_a_change_of_workers_across_restarts(
+        pid1, start_muxd, tmp_path) -> None:
+    """3 workers -> 2 (worker 2's go to worker 0) -> 1 (a single muxd takes every
+    worker's) -> 2 (the single muxd's go to worker 0; its listener, bound without
+    SO_REUSEPORT, is shared with worker 1's): every connection echoes after each."""
+    from fake_systemd import Unit
+
+    port = free_port()
+    unit = Unit(pid1, start_muxd, workers_config(port, 3), tmp_path)
+    clients = [connect(port) for _ in range(12)]
+    _all_echo(clients, b"hello")
+    serving = {worker_of(unit.daemon, sock) for sock in clients}
+    for workers in (2, 1, 2):
+        unit.config_path.write_text(workers_config(port, workers))
+        new = unit.restart()
+        if workers == 1:
+            new.wait_log(f"took over {len(clients)} connections")
+        else:
+            assert _took_over(new, len(clients)) == len(clients)
+        _all_echo(clients, b"with %d workers" % workers)
+        with connect(port) as fresh:
+            assert echo_once(fresh, b"new") == b"new"
+    assert len(serving) >= 2
+    # Both workers serve new clients: worker 1 joined the single muxd's listener.
+    fresh = [connect(port) for _ in range(24)]
+    _all_echo(fresh, b"spread")
+    assert len({worker_of(unit.daemon, sock) for sock in fresh}) == 2
+    for sock in (*clients, *fresh):
+        sock.close()
