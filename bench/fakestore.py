@@ -92,6 +92,7 @@ class FakeStore:
         self._pidfds: dict[int, int] = {}  # pidfd -> pid of a launched process
         # pid -> (CLOCK_MONOTONIC when PID 1 saw it end, wait status)
         self.exited: dict[int, tuple[float, int]] = {}
+        self.peak_rss_kib: dict[int, int] = {}  # pid -> its peak RSS, read when reaped
         self.stop_fd = -1  # registered by the caller; readable means "stop"
         self.stop_requested = False
 
@@ -214,8 +215,9 @@ class FakeStore:
         pid = self._pidfds.pop(pidfd)
         self.epoll.unregister(pidfd)
         os.close(pidfd)
-        _, status = os.waitpid(pid, 0)
+        _, status, usage = os.wait4(pid, 0)
         self.exited[pid] = (time.monotonic(), status)
+        self.peak_rss_kib[pid] = usage.ru_maxrss  # KiB on Linux
 
     def _close(self, fd: int) -> None:
         if fd in self._watched:

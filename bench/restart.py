@@ -37,6 +37,7 @@ from typing import Any
 from bench import OUT_DIR, REPO_ROOT
 from bench.build import LOADGEN_SOURCE, compiled
 from bench.fakestore import FakeStore
+from bench.procstat import open_fd_count
 from bench.runner import pick_cores
 from bench.servers import free_port, pin_to_core, stop_process
 
@@ -124,6 +125,20 @@ def restart_once(pid1: Pid1, old: int, argv: list[str], env: dict[str, str], cor
     return new, Restart(ready - sent, exited - sent, ready - launched, _taken_over(log))
 
 
+def wait_held(pid1: Pid1, pid: int, baseline: int, conns: int,
+              timeout: float = HOLD_TIMEOUT_S) -> None:
+    """Until muxd `pid` has accepted `conns` connections (its own descriptor table: a
+    client's connect() completes before the accept) and has put each where the next
+    process will find it: one store entry per connection (muxd up to d9e4aa9), or none
+    (parking: a few parking sockets hold them all, filled in the accepting turn).
+    `baseline`: its open descriptors before the first connection."""
+    pid1.wait(lambda: open_fd_count(pid) >= baseline + conns,
+              f"muxd to accept {conns} connections", timeout)
+    pid1.store.drain()
+    pid1.wait(lambda: pid1.store.held("conn") in range(1) or pid1.store.held("conn") >= conns,
+              f"{conns} connections in the store", timeout)
+
+
 def _raise_nofile(wanted: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < wanted:
@@ -176,12 +191,12 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
         current = 0
         try:
             current = _start(pid1, argv, env, server_core, log)
+            baseline = open_fd_count(current)
             client = _loadgen(port, conns, size, current, client_core)
             line = _line_from(pid1, client, HOLD_TIMEOUT_S)
             if not line.startswith("READY"):
                 raise RestartFailed(f"load client: expected READY, got {line!r}")
-            pid1.wait(lambda: store.held("conn") >= conns,
-                      f"{conns} connections in the store", HOLD_TIMEOUT_S)
+            wait_held(pid1, current, baseline, conns)
             print(f"holding {conns:,} connections (the store has {store.held('conn'):,}); "
                   f"{reps} restarts", file=sys.stderr, flush=True)  # fmt: skip
             for rep in range(reps):
