@@ -93,6 +93,7 @@ class FakeStore:
         # pid -> (CLOCK_MONOTONIC when PID 1 saw it end, wait status)
         self.exited: dict[int, tuple[float, int]] = {}
         self.peak_rss_kib: dict[int, int] = {}  # pid -> its peak RSS, read when reaped
+        self.cpu_s: dict[int, float] = {}  # pid -> its user + system CPU, read when reaped
         self.stop_fd = -1  # registered by the caller; readable means "stop"
         self.stop_requested = False
 
@@ -218,6 +219,7 @@ class FakeStore:
         _, status, usage = os.wait4(pid, 0)
         self.exited[pid] = (time.monotonic(), status)
         self.peak_rss_kib[pid] = usage.ru_maxrss  # KiB on Linux
+        self.cpu_s[pid] = usage.ru_utime + usage.ru_stime
 
     def _close(self, fd: int) -> None:
         if fd in self._watched:

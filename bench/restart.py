@@ -67,6 +67,10 @@ class Restart:
     handover_s: float  # SIGTERM to the old process's exit
     start_s: float  # the new process's exec to its READY=1
     taken_over: int  # from its log line
+    # CPU time (user + system), which a busy machine does not stretch the way it does the
+    # seconds above: the old process's from SIGTERM to its exit, the new one's to READY=1.
+    handover_cpu_s: float = 0.0
+    start_cpu_s: float = 0.0
 
 
 class Pid1:
@@ -113,6 +117,7 @@ def restart_once(pid1: Pid1, old: int, argv: list[str], env: dict[str, str], cor
     store.drain()
     # The stop hook's signal, then systemd's SIGTERM (muxd takes SIGURG first).
     os.kill(old, signal.SIGURG)
+    cpu_before = _cpu_s(old)
     sent = time.monotonic()
     os.kill(old, signal.SIGTERM)
     pid1.wait(lambda: old in store.exited, f"muxd {old} to exit", READY_TIMEOUT_S)
@@ -122,7 +127,15 @@ def restart_once(pid1: Pid1, old: int, argv: list[str], env: dict[str, str], cor
     launched = time.monotonic()
     new = _start(pid1, argv, env, core, log)
     ready = pid1.ready[new]
-    return new, Restart(ready - sent, exited - sent, ready - launched, _taken_over(log))
+    return new, Restart(ready - sent, exited - sent, ready - launched, _taken_over(log),
+                        store.cpu_s[old] - cpu_before, _cpu_s(new))
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a running process, from /proc (one clock tick's resolution)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_held(pid1: Pid1, pid: int, baseline: int, conns: int,
@@ -203,7 +216,8 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
                 current, result = restart_once(pid1, current, argv, env, server_core, log)
                 restarts.append(result)
                 print(f"  restart {rep + 1}: {result.total_s:.3f} s (hand-over "
-                      f"{result.handover_s:.3f} s, start {result.start_s:.3f} s), took over "
+                      f"{result.handover_s:.3f} s, start {result.start_s:.3f} s; CPU "
+                      f"{result.handover_cpu_s:.2f} + {result.start_cpu_s:.2f} s), took over "
                       f"{result.taken_over:,}", file=sys.stderr, flush=True)  # fmt: skip
                 if result.taken_over != conns:
                     raise RestartFailed(f"took over {result.taken_over} of {conns} connections")
@@ -237,7 +251,8 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
         "echoed_after": echoed,
         "restarts": [asdict(r) for r in restarts],
         "summary": {key: _spread([getattr(r, key) for r in restarts])
-                    for key in ("total_s", "handover_s", "start_s")},
+                    for key in ("total_s", "handover_s", "start_s", "handover_cpu_s",
+                                "start_cpu_s")},
     }  # fmt: skip
 
 
@@ -266,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.conns:,} connections held, {args.reps} restarts "
           f"(SIGURG+SIGTERM to READY=1 of the next muxd), seconds, median [min-max]:")
     for key, label in (("total_s", "SIGTERM to READY=1"), ("handover_s", "  old: SIGTERM to exit"),
-                       ("start_s", "  new: exec to READY=1")):  # fmt: skip
+                       ("start_s", "  new: exec to READY=1"),
+                       ("handover_cpu_s", "CPU: old, SIGTERM to exit"),
+                       ("start_cpu_s", "CPU: new, exec to READY=1")):  # fmt: skip
         s = summary[key]
-        print(f"  {label:<24} {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]")
+        print(f"  {label:<26} {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]")
     print(f"every connection echoed afterwards: {result['echoed_after']:,}/{args.conns:,}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
