@@ -55,6 +55,7 @@ level = info
 READY_TIMEOUT_S = 60.0
 HOLD_TIMEOUT_S = 180.0
 TAKEOVER = re.compile(r"took over (\d+) connections")
+STATE_NAME = re.compile(r"state-\d+")
 
 
 class RestartFailed(RuntimeError):
@@ -221,8 +222,11 @@ def run(conns: int, reps: int, size: int) -> dict[str, Any]:
                       f"{result.taken_over:,}", file=sys.stderr, flush=True)  # fmt: skip
                 if result.taken_over != conns:
                     raise RestartFailed(f"took over {result.taken_over} of {conns} connections")
-                if any(name.startswith("state-") for name in store.stored.values()):
-                    raise RestartFailed("the hand-over state was not removed from the store")
+                store.drain()  # what the new process sent up to its READY=1
+                # (state-<pid>: the state memfd; parking sockets are state-park-*)
+                if any(STATE_NAME.fullmatch(name) for name in store.stored.values()):
+                    raise RestartFailed("the hand-over state was not removed from the store: "
+                                        f"{sorted(set(store.stored.values()))}")
             assert client.stdin is not None
             client.stdin.write("GO\n")
             client.stdin.flush()
