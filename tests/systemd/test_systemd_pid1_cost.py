@@ -39,7 +39,7 @@ PID1_RELOAD_CPU = 1.0  # s of PID 1's CPU for one daemon-reload
 CHURN_RATE, CHURN_SECONDS = 200, 10
 PID1_CHURN_SHARE = 0.10  # of one CPU
 RESTART_WALL = 3.0  # s, `systemctl restart muxd` with HELD held
-RESTART_CHURN_SECONDS = 6  # the churn the restart happens in (at CHURN_RATE)
+RESTART_CHURN_SECONDS = 4  # the churn the restart happens in (at CHURN_RATE)
 # How long to wait for PID 1 to be idle again. Only code that makes PID 1 pay per
 # connection (today's per-connection store: ~20 s of CPU on 252 to fill) needs long.
 IDLE_CAP = 240.0
