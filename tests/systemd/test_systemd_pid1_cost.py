@@ -4,7 +4,8 @@ Hand-over must not make systemd (PID 1) pay per connection: with 7,000 connectio
 filling costs PID 1 at most 1 s of CPU from the first connection until it is idle again, a
 `systemctl daemon-reload` at most 1 s, a client opening, echoing and closing 200
 connections a second for 10 s keeps it under 10 % of a CPU, `systemctl restart muxd`
-(in that churn) takes under 3 s and every connection still echoes, and after all 7,000
+(in that churn) takes under 3 s (or 4 times a restart with nothing held, where a busy
+machine makes that slow) and every connection still echoes, and after all 7,000
 reset and reconnect at once a restart keeps every new one; a `kill -9` of muxd keeps them
 too. With `workers = 2` the same, plus `kill -9` of a worker (the supervisor is the main
 process there).
@@ -40,6 +41,9 @@ PID1_RELOAD_CPU = 1.0  # s of PID 1's CPU for one daemon-reload
 CHURN_RATE, CHURN_SECONDS = 200, 10
 PID1_CHURN_SHARE = 0.10  # of one CPU
 RESTART_WALL = 3.0  # s, `systemctl restart muxd` with HELD held
+# ... or this many times a restart with nothing held, if that is already slow (a busy
+# machine stretches a restart's seconds: process starts, the stop hook's exec).
+RESTART_RATIO = 4.0
 RESTART_CHURN_SECONDS = 4  # the churn the restart happens in (at CHURN_RATE)
 # How long to wait for PID 1 to be idle again. Only code that makes PID 1 pay per
 # connection (today's per-connection store: ~20 s of CPU on 252 to fill) needs long.
@@ -60,6 +64,7 @@ class Held:
     pid1: Pid1Cpu
     fill_cpu: float
     fill_idle: bool
+    restart_alone: float  # s, `systemctl restart muxd` with nothing held
 
     def ready(self) -> float:
         """All HELD connections proven alive and PID 1 idle: its CPU time then."""
@@ -102,6 +107,8 @@ def held(request: pytest.FixtureRequest, container: Container, pristine_config: 
     if workers > 1:
         edit_ini(container, {("server", "workers"): str(workers)})
     container.systemctl("start", "muxd")
+    restart_alone, failed = _restart(container)
+    assert not failed, failed
     pid1 = Pid1Cpu(container.init_pid)
     herd = Herd(container.init_pid, PORT)
     try:
@@ -112,7 +119,7 @@ def held(request: pytest.FixtureRequest, container: Container, pristine_config: 
         assert not failures, f"{len(failures)} of {HELD} did not echo: {failures[:5]}"
         opened = time.monotonic() - started
         after, idle = pid1.wait_idle(cap=IDLE_CAP)
-        state = Held(container, workers, herd, pid1, after - before, idle)
+        state = Held(container, workers, herd, pid1, after - before, idle, restart_alone)
         state.note(f"{HELD} opened in {opened:.1f} s; PID 1 CPU {after - before:.2f} s "
                    f"until {'idle' if idle else f'the cap ({IDLE_CAP:.0f} s), still busy'}")
         yield state
@@ -156,11 +163,11 @@ def test_churn_beside_them_keeps_pid1_under_a_tenth_of_a_cpu(held: Held) -> None
         f"PID 1 at {share:.0%} of a CPU ({after - before:.2f} s in {churn.elapsed:.1f} s)")
 
 
-def _restart(held: Held) -> tuple[float, str]:
+def _restart(container: Container) -> tuple[float, str]:
     """`systemctl restart muxd`: how long it took, and why it failed (empty if it did not;
     the connections are counted either way)."""
     started = time.monotonic()
-    result = held.container.run(["systemctl", "restart", "muxd"], check=False, timeout=600)
+    result = container.run(["systemctl", "restart", "muxd"], check=False, timeout=600)
     took = time.monotonic() - started
     return took, result.stderr.strip() if result.returncode else ""
 
@@ -174,15 +181,18 @@ def test_restart_with_them_held_under_churn_is_quick_and_keeps_every_one(held: H
     churn.start()
     wait_until(lambda: churn.echoed >= CHURN_RATE or not churn.is_alive(), timeout=30,
                what="the churn under way")
-    took, failed = _restart(held)
+    took, failed = _restart(held.container)
     lost = held.herd.echo_all()
     churn.join(RESTART_CHURN_SECONDS + 60)
-    held.note(f"restart under churn: {took:.2f} s{failed and f' ({failed})'}, {len(lost)} of "
-              f"{HELD} lost; churn {churn.echoed} echoed, {len(churn.failures)} failed")
+    held.note(f"restart under churn: {took:.2f} s{failed and f' ({failed})'} (with nothing "
+              f"held: {held.restart_alone:.2f} s), {len(lost)} of {HELD} lost; churn "
+              f"{churn.echoed} echoed, {len(churn.failures)} failed")
     assert not failed, failed
     assert not lost, f"{len(lost)} of {HELD} lost: {lost[:5]}"
     assert not churn.failures, churn.failures[:5]
-    assert took < RESTART_WALL, f"systemctl restart muxd took {took:.2f} s"
+    bound = max(RESTART_WALL, RESTART_RATIO * held.restart_alone)
+    assert took < bound, (f"systemctl restart muxd took {took:.2f} s (with nothing held: "
+                          f"{held.restart_alone:.2f} s)")
 
 
 def test_after_all_reset_and_reconnect_a_restart_keeps_every_new_one(held: Held) -> None:
@@ -190,7 +200,7 @@ def test_after_all_reset_and_reconnect_a_restart_keeps_every_new_one(held: Held)
     held.herd.reset_all()
     failures = held.herd.open(HELD)  # at once: the old ones' resets are all sent first
     assert not failures, f"{len(failures)} of {HELD} new ones not served: {failures[:5]}"
-    took, failed = _restart(held)
+    took, failed = _restart(held.container)
     lost = held.herd.echo_all()
     held.note(f"storm then restart: {took:.2f} s{failed and f' ({failed})'}, {len(lost)} of "
               f"{HELD} new ones lost")
