@@ -212,7 +212,9 @@ def test_handover_memory_measures_both_processes_and_verifies_the_echo(tmp_path:
     (sample,) = result["samples"]
     # Each connection's whole buffer (64 KiB) of echo was pending and came across.
     assert sample["pending_kib"] == 20 * result["buffer_size"] // 1024
-    assert sample["old_peak_kib"] >= sample["old_before_kib"] > result["idle_kib"]
+    # (The kernel batches RSS counter updates per thread: readings agree within ~256 KiB.)
+    assert sample["old_peak_kib"] >= sample["old_before_kib"] - 1024
+    assert sample["old_before_kib"] > result["idle_kib"]
     assert sample["new_peak_kib"] > result["idle_kib"]
 
 
