@@ -202,6 +202,23 @@ def test_restart_command_hands_every_connection_over(tmp_path: Path) -> None:
     assert all(0 < r["handover_s"] < r["total_s"] for r in result["restarts"])
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a network namespace of its own)")
+def test_handover_memory_measures_both_processes_and_verifies_the_echo(tmp_path: Path) -> None:
+    out = tmp_path / "handover_memory.json"
+    stdout = _run_bench_module(
+        "bench.handover_memory", "--conns", "20", "--reps", "1", "--out", str(out), timeout=120
+    )
+    assert "every byte echoed back afterwards" in stdout
+    result = json.loads(out.read_text())
+    (sample,) = result["samples"]
+    # Each connection's whole buffer (64 KiB) of echo was pending and came across.
+    assert sample["pending_kib"] == 20 * result["buffer_size"] // 1024
+    # (The kernel batches RSS counter updates per thread: readings agree within ~256 KiB.)
+    assert sample["old_peak_kib"] >= sample["old_before_kib"] - 1024
+    assert sample["old_before_kib"] > result["idle_kib"]
+    assert sample["new_peak_kib"] > result["idle_kib"]
+
+
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed")
 def test_callgrind_counts_instructions_per_connection(tmp_path: Path) -> None:
     stdout = _run_bench_module(
