@@ -60,6 +60,43 @@ def _serve(start_muxd, backend: str, nofile: tuple[int, int] | None = None,
     return Served(daemon, port, idle_fds)
 
 
+def _serve_fixed_buffers(start_muxd, backend: str, tmp_path, **limits: object) -> Served:
+    """As ``_serve``, but every connection's kernel buffers have a fixed size: a small
+    send buffer, and a receive buffer (256 KiB) that holds far more than one read. The
+    listener comes from the test, as from a socket unit with ``ReceiveBuffer=`` and
+    ``SendBuffer=``, and its connections inherit the sizes (issue 20). Tests that fill
+    every buffer on purpose use it with ``fixed_buffer_client``: autotuned, 100 clients
+    queued ~0.9 GiB and 200 ~1.3 GiB in the host's TCP memory, past the kernel's tcp_mem
+    thresholds on a host whose other sockets already held some, where every socket's
+    share shrinks (the echo checks deadlocked there)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * KiB)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * KiB)  # doubled: 256 KiB
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    port = listener.getsockname()[1]
+    config = tmp_path / "activated.ini"
+    config.write_text(server_config(port, backend, **limits))
+    with listener:
+        daemon = start_muxd(None, **socket_activation(config, listener))
+    idle_fds = daemon.open_fds()
+    with connect(port) as warmup:  # the first connection allocates nothing lasting
+        assert echo_once(warmup, b"warm-up") == b"warm-up"
+    wait_fds(daemon, idle_fds)
+    return Served(daemon, port, idle_fds)
+
+
+def fixed_buffer_client(port: int) -> socket.socket:
+    """A non-blocking client whose own buffers are small and fixed (set before connecting,
+    so its window is small from the first byte)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * KiB)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KiB)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
 def _audit(served: Served, provoked: tuple[str, ...] = ()) -> dict[str, int]:
     """The daemon survived, serves, leaked nothing and logged nothing unprovoked."""
     daemon = served.daemon
@@ -243,21 +280,20 @@ def test_clients_that_connect_and_vanish_are_all_closed(start_muxd, backend) -> 
 # --- memory: clients that send and never read ----------------------------------
 
 
-def test_never_readers_cost_at_most_buffer_size_each(start_muxd, backend) -> None:
+def test_never_readers_cost_at_most_buffer_size_each(start_muxd, backend, tmp_path) -> None:
     """100 clients each try to push up to 100 MiB without reading a byte.
 
     Bound: RSS growth < 100 × buffer_size (64 KiB) × 2 + 16 MiB. The factor 2
     covers one read of up to 64 KiB on top of buffer_size and the allocator's
     slack; 16 MiB covers the interpreter's own growth (100 Connection objects,
-    dict resizing). The sockets' kernel buffers are not in the daemon's RSS."""
+    dict resizing). The sockets' kernel buffers are not in the daemon's RSS; they
+    have fixed sizes, so the test queues ~35 MiB there, not ~0.9 GiB (issue 20)."""
     clients, cap, buffer_size = 100, 100 * MiB, 64 * KiB
     bound = clients * buffer_size * 2 + 16 * MiB
-    served = _serve(start_muxd, backend, buffer_size=buffer_size)
+    served = _serve_fixed_buffers(start_muxd, backend, tmp_path, buffer_size=buffer_size)
     daemon = served.daemon
     rss_before = daemon.rss_bytes()
-    socks = [connect(served.port) for _ in range(clients)]
-    for sock in socks:
-        sock.setblocking(False)
+    socks = [fixed_buffer_client(served.port) for _ in range(clients)]
     chunk = os.urandom(256 * KiB)
     sent = [0] * clients
     last_progress = [time.monotonic()] * clients
@@ -312,40 +348,16 @@ def test_never_readers_cost_about_buffer_size_even_when_it_is_small(start_muxd, 
     interpreter's own growth. A read that may take a whole chunk past the buffer
     costs ~100 KiB per client instead.
 
-    What the test puts into the host's TCP memory is bounded (issue 20): every socket
-    on the way has a fixed size, so 200 clients queue ~64 MiB, not the ~1.3 GiB of
-    autotuned buffers (the daemon's send buffers grew to 4 MiB each), which crossed
-    the kernel's tcp_mem thresholds on a host whose other sockets already held some;
-    there every socket's share shrinks and the echo check deadlocked. The daemon's
-    listener comes from the test, as from a socket unit with ``ReceiveBuffer=`` and
-    ``SendBuffer=``; its connections inherit the sizes: a small send buffer, and a
-    receive buffer that holds far more than buffer_size (the burst below needs that)."""
+    The sockets have fixed sizes (``_serve_fixed_buffers``): the 200 clients queue ~62
+    MiB in the host's TCP memory, not ~1.3 GiB, and the daemon's receive buffers hold
+    far more than buffer_size for the burst below (issue 20)."""
     clients, buffer_size = 200, 4096
     cap = 1 * MiB  # per client: more than the sockets between it and the daemon hold
     bound = clients * (2 * buffer_size + 4 * KiB) + 4 * MiB
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * KiB)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * KiB)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
-    port = listener.getsockname()[1]
-    config = tmp_path / "activated.ini"
-    config.write_text(server_config(port, backend, buffer_size=buffer_size))
-    with listener:
-        daemon = start_muxd(None, **socket_activation(config, listener))
-    served = Served(daemon, port, daemon.open_fds())
-    with connect(port) as warmup:  # as in _serve: the first connection allocates nothing lasting
-        assert echo_once(warmup, b"warm-up") == b"warm-up"
-    wait_fds(daemon, served.idle_fds)
+    served = _serve_fixed_buffers(start_muxd, backend, tmp_path, buffer_size=buffer_size)
+    daemon, port = served.daemon, served.port
     rss_before = daemon.rss_bytes()
-    socks = []
-    for _ in range(clients):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * KiB)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KiB)
-        sock.connect(("127.0.0.1", port))
-        sock.setblocking(False)
-        socks.append(sock)
+    socks = [fixed_buffer_client(port) for _ in range(clients)]
     chunk = os.urandom(8 * KiB)
     sent = [0] * clients
 
