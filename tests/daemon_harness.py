@@ -12,6 +12,7 @@ import fcntl
 import os
 import resource
 import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -290,8 +291,38 @@ def push_until_stalled(sock: socket.socket, payload: bytes, stall: float = 0.5,
 
 
 def echo_once(sock: socket.socket, payload: bytes) -> bytes:
-    sock.sendall(payload)
-    return recv_exactly(sock, len(payload))
+    """Send ``payload`` and return its echo (short if the peer ends first), reading while
+    writing: sending all of it before reading would need kernel buffers that hold the whole
+    payload minus what the server may owe, which a host under TCP memory pressure (many
+    sockets, much queued) does not grant, and the echo would deadlock by design. Fails
+    when nothing moves either way for the socket's timeout (none: waits as long as it takes)."""
+    timeout = sock.gettimeout()
+    view = memoryview(payload)
+    sent = 0
+    received = bytearray()
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        while len(received) < len(payload):
+            ready = selector.select(timeout)
+            if not ready:
+                raise TimeoutError(f"echo stalled {timeout}s: {sent} of {len(payload)} "
+                                   f"bytes sent, {len(received)} received")
+            events = ready[0][1]
+            if events & selectors.EVENT_WRITE:
+                with contextlib.suppress(BlockingIOError):
+                    sent += sock.send(view[sent:sent + 65536], socket.MSG_DONTWAIT)
+                if sent == len(payload):
+                    selector.modify(sock, selectors.EVENT_READ)
+            if events & selectors.EVENT_READ:
+                try:
+                    chunk = sock.recv(min(len(payload) - len(received), 1 << 20),
+                                     socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                received += chunk
+    return bytes(received)
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
