@@ -63,24 +63,19 @@ def _notify_address(raw: str) -> str | bytes:
     return b"\0" + raw[1:].encode() if raw.startswith("@") else raw
 
 
-class FdStore:
-    """Put descriptors into the store of the unit that runs us, in batches."""
+class Batching:
+    """What FdStore and a worker's store (store_relay.WorkerStore) share: descriptors
+    queued under a name (and FDPOLL), sent one message per name and batch of at most
+    MAX_FDS_PER_MESSAGE, the tallies of what went. Each says how a message is worded
+    (``_text``) and sent (``_send``)."""
 
-    def __init__(self, notify_socket: str) -> None:
-        self._address = _notify_address(notify_socket)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.setblocking(False)
+    def __init__(self) -> None:
         # fd -> (name, watched by PID 1), in the order queued
         self._queued: dict[int, tuple[str, bool]] = {}
-        self.sent = 0  # descriptors PID 1 accepted into its socket queue
+        self.sent = 0  # descriptors accepted into the receiver's socket queue
         self.failed = 0  # descriptors that could not be sent (never retried)
         self.rejected: list[int] = []  # the queued ones among them, for the caller to take
         self.last_error: OSError | None = None
-
-    @property
-    def backlog(self) -> int:
-        """Descriptors queued and not yet sent (EAGAIN, or not flushed yet)."""
-        return len(self._queued)
 
     def queue(self, fd: int, name: str, poll: bool = True) -> None:
         """Send ``fd`` under ``name`` with the next ``flush``; ``poll=False``: PID 1
@@ -92,16 +87,15 @@ class FdStore:
         number could otherwise be reused by something else); True if it was queued."""
         return self._queued.pop(fd, None) is not None
 
-    def flush(self) -> bool:
-        """Send what is queued, one message per name (and FDPOLL) and batch; stop at
-        EAGAIN. True when everything queued has been sent."""
+    def _send_queued(self) -> bool:
+        """Send what is queued; stop at EAGAIN. True when all of it has been sent."""
         queued = self._queued
         while queued:
             key = next(iter(queued.values()))
             batch = [fd for fd, fd_key in queued.items() if fd_key == key]
             batch = batch[:MAX_FDS_PER_MESSAGE]
             try:
-                self._send(_store_text(*key), batch)
+                self._send(self._text(*key), batch)
             except BlockingIOError:
                 return False
             except OSError as err:
@@ -113,6 +107,32 @@ class FdStore:
             for fd in batch:
                 del queued[fd]
         return True
+
+    def _text(self, name: str, poll: bool) -> str:
+        raise NotImplementedError
+
+    def _send(self, text: str, fds: list[int]) -> None:
+        raise NotImplementedError
+
+
+class FdStore(Batching):
+    """Put descriptors into the store of the unit that runs us, in batches."""
+
+    def __init__(self, notify_socket: str) -> None:
+        self._address = _notify_address(notify_socket)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setblocking(False)
+        super().__init__()
+
+    @property
+    def backlog(self) -> int:
+        """Descriptors queued and not yet sent (EAGAIN, or not flushed yet)."""
+        return len(self._queued)
+
+    def flush(self) -> bool:
+        """Send what is queued, one message per name (and FDPOLL) and batch; stop at
+        EAGAIN. True when everything queued has been sent."""
+        return self._send_queued()
 
     def remove(self, name: str) -> bool:
         """Ask PID 1 to close every stored descriptor called ``name``. Never blocks:
@@ -187,6 +207,9 @@ class FdStore:
 
     def close(self) -> None:
         self._sock.close()
+
+    def _text(self, name: str, poll: bool) -> str:
+        return _store_text(name, poll)
 
     def _send(self, text: str, fds: list[int]) -> None:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []

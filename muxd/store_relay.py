@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from muxd.fdstore import BARRIER_TIMEOUT, MAX_FDS_PER_MESSAGE, FdStore
+from muxd.fdstore import BARRIER_TIMEOUT, MAX_FDS_PER_MESSAGE, Batching, FdStore
 from muxd.timers import Timers
 
 logger = logging.getLogger("muxd")
@@ -105,51 +105,26 @@ def share_stored_listeners(stored: list[tuple[int, str]]) -> set[tuple[str, int]
 # --- the worker's half ------------------------------------------------------
 
 
-class WorkerStore:
+class WorkerStore(Batching):
     """FdStore's interface in a worker: requests go to the supervisor's relay."""
 
     def __init__(self, channel: socket.socket) -> None:
+        super().__init__()
         channel.setblocking(False)
         self._channel = channel
-        self._queued: dict[int, tuple[str, bool]] = {}  # fd -> (name, poll)
         # Requests that must keep their place behind what was queued before them
         # (a removal, a store_now): (text, fds), sent in order by flush.
         self._ordered: deque[tuple[str, list[int]]] = deque()
-        self.sent = 0
-        self.failed = 0
-        self.rejected: list[int] = []
-        self.last_error: OSError | None = None
 
     @property
     def backlog(self) -> int:
         return len(self._queued) + len(self._ordered)
 
-    def queue(self, fd: int, name: str, poll: bool = True) -> None:
-        self._queued[fd] = (name, poll)
-
-    def unqueue(self, fd: int) -> bool:
-        return self._queued.pop(fd, None) is not None
-
     def flush(self) -> bool:
         """Send what is queued, then what is ordered behind it; stop at EAGAIN.
         True when everything has been sent."""
-        queued = self._queued
-        while queued:
-            name, poll = next(iter(queued.values()))
-            batch = [fd for fd, entry in queued.items() if entry == (name, poll)]
-            batch = batch[:MAX_FDS_PER_MESSAGE]
-            try:
-                self._send(_store_text(name, poll), batch)
-            except BlockingIOError:
-                return False
-            except OSError as err:
-                self.failed += len(batch)
-                self.rejected += batch
-                self.last_error = err
-            else:
-                self.sent += len(batch)
-            for fd in batch:
-                del queued[fd]
+        if not self._send_queued():
+            return False
         ordered = self._ordered
         while ordered:
             text, fds = ordered[0]
@@ -236,6 +211,9 @@ class WorkerStore:
                 os.close(fd)
         self._ordered.clear()
         self._channel.close()
+
+    def _text(self, name: str, poll: bool) -> str:
+        return _store_text(name, poll)
 
     def _send(self, text: str, fds: list[int]) -> None:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
