@@ -260,6 +260,10 @@ valid_values = {
     ("access", "deny"): st.sampled_from([
         ("", ()), ("2001:db8::/32", (ipaddress.ip_network("2001:db8::/32"),)),
     ]),
+    ("metrics", "allow"): st.sampled_from([
+        ("", ()), ("127.0.0.0/8, ::1", (ipaddress.ip_network("127.0.0.0/8"),
+                                        ipaddress.ip_network("::1/128"))),
+    ]),
     ("metrics", "listen"): st.sampled_from([
         ("", ()), ("127.0.0.1:9707", (("127.0.0.1", 9707),)),
         ("[::1]:9707, localhost:9708", (("::1", 9707), ("127.0.0.1", 9708))),

@@ -152,7 +152,7 @@ def test_quoted_takeover_lines_are_what_a_restart_logs(pid1, start_muxd, tmp_pat
     assert echo_once(talker, b"x") == b"x"
     slow = connect_slow_reader(port)
     push_until_stalled(slow, b"\0" * 65536)  # pending echo in muxd
-    wait_until(lambda: pid1.count("conn") == 2, what="both connections in the store")
+    wait_until(lambda: pid1.parked() == 2, what="both connections parked")
     busy = unit.restart()
     busy.wait_log("took over 2 connections")
     logged = [line.split(": ", 1)[1] for line in idle.log.splitlines() + busy.log.splitlines()
