@@ -779,7 +779,7 @@ class HandOver:
             sock = socket.socket(fileno=item.fd)
             listener = listeners.get(_local_port(sock))
             why = ("not in the hand-over state" if record is None else
-                   "proxy_protocol is off now" if waiting_room is None else
+                   "[server] proxy_protocol is off now" if waiting_room is None else
                    "its listener is not served now" if listener is None else None)
             if why is not None:
                 logger.warning("closed a connection that was waiting for its PROXY header: "
