@@ -14,10 +14,15 @@ How a connection survives:
   loop closes it: the parked copy would otherwise keep it open, and the peer
   would never see the end. Its dead copy goes when its parking socket is
   replaced (compaction, parking.py).
-* **Not parked** (a unix stream connection, or the kernel's in-flight limit):
-  served all the same, counted (``unstored_open``), retried, and closed
-  gracefully at a restart (echo owed sent as far as the socket takes it, then
-  the end).
+* **Unix stream connections** (a socket unit's ``ListenStream=/path``) are
+  never parked: the kernel's unix garbage collector would get involved. They
+  are stored one entry each under ``conn``, as every connection was before
+  parking, and shut down before they are closed so that PID 1 drops its copy.
+  Rare by design; TCP, the common case, never costs PID 1 an entry.
+* **Not kept** (the kernel's in-flight limit, a store that refused a unix
+  connection): served all the same, counted (``unstored_open``), retried, and
+  closed gracefully at a restart (echo owed sent as far as the socket takes
+  it, then the end).
 * **Restart or stop.** SIGTERM looks the same for both. The unit's root stop
   hook signals ``RESTART_SIGNAL`` (SIGURG) just before systemd's SIGTERM when
   the job is a restart; a SIGTERM within ``ARM_WINDOW`` seconds of it hands
@@ -456,13 +461,17 @@ class HandOver:
         self.flush = self.parking.flush  # type: ignore[method-assign]
         self._park_later = self.parking.pending.append  # the list is never replaced
         # Unix stream connections are never parked (the kernel's unix garbage collector
-        # would get involved): served, counted, closed at a restart.
+        # would get involved): stored one entry each, as before parking.
         self._unix_origins = {shared.tallies[fd] for fd, listener in shared.listeners.items()
                               if listener.sock.family == socket.AF_UNIX and fd in shared.tallies}
-        self.unix_total = 0  # unix stream connections admitted (never parked)
+        self.unix_kept: set[int] = set()  # unix stream connections queued or stored
+        self.unix_total = 0  # unix stream connections the store refused
         if not self._unix_origins:
             self.forget = self.parking.forget  # type: ignore[method-assign]
             self.track = self._track_tcp  # type: ignore[method-assign]
+        else:
+            self.flush = self._flush_with_unix  # type: ignore[method-assign]
+        self._unix_retry = False
         self._armed_at: float | None = None
         self._released = False
         self._opened = False
@@ -486,9 +495,44 @@ class HandOver:
 
     def track(self, conn: Connection) -> None:
         if conn.origin in self._unix_origins:
-            self.unix_total += 1
+            self.store.queue(conn.fd, CONNECTION_NAME)
+            self.unix_kept.add(conn.fd)
             return
         self._park_later(conn.fd)
+
+    def _flush_with_unix(self) -> None:
+        """flush, when a unix stream listener is served: its connections of this turn
+        go to the store, one entry each (a full queue: retried from a timer)."""
+        self.parking.flush()
+        store = self.store
+        if store.backlog and not store.flush() and not self._unix_retry:
+            self._unix_retry = True
+            self.shared.timers.call_at(self.shared.now + RETRY_DELAY, self._retry_unix)
+        if store.rejected:
+            refused = store.rejected[:]
+            store.rejected.clear()
+            self.unix_kept.difference_update(refused)
+            self.unix_total += len(refused)
+
+    def _retry_unix(self) -> None:
+        self._unix_retry = False
+        self._flush_with_unix()
+
+    def _store_unix_again(self, fds: list[int]) -> None:
+        """Take-over: the unix stream connections inherited under ``conn``, stored again
+        once the removal of that name has reached PID 1 (start-up: may wait briefly)."""
+        if not fds:
+            return
+        if not self.parking.flush_removals():
+            logger.warning("%d unix stream connection(s) could not be stored again: they "
+                           "are served, and closed at a restart", len(fds))
+            self.unix_total += len(fds)
+            return
+        for fd in fds:
+            if self.store.store_now(fd, CONNECTION_NAME):
+                self.unix_kept.add(fd)
+            else:
+                self.unix_total += 1
 
     def flush(self) -> None:
         """End of an accepting turn: one parking message per 253 connections admitted.
@@ -500,6 +544,15 @@ class HandOver:
         shut down first (the client sees the end). After a hand-over nothing is parked
         here any more (Parking.release): the next process owns them. (Replaced in
         __init__ by Parking.forget itself when no unix stream listener is served.)"""
+        fd = conn.fd
+        if fd in self.unix_kept:
+            self.unix_kept.discard(fd)
+            if not self.store.unqueue(fd) and not self._released:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)  # PID 1 sees the hang-up
+                except OSError:
+                    pass
+            return
         self.parking.forget(conn)
 
     def forget_listener(self, listener: Listener) -> None:
@@ -523,7 +576,8 @@ class HandOver:
         parking = self.parking
         return {**self.totals, "unstored_store_full": parking.refused,
                 "unstored_store_error": parking.errors + self.unix_total,
-                "unstored_open": sum(1 for fd in self.shared.conns if fd not in where)}
+                "unstored_open": sum(1 for fd in self.shared.conns
+                                     if fd not in where and fd not in self.unix_kept)}
 
     # --- restart or stop --------------------------------------------------
 
@@ -551,6 +605,8 @@ class HandOver:
         parking.flush()
         if parking.unparked:
             parking.step()  # one more try for those the limit refused
+        if self.unix_kept and not self.store.flush_all():
+            self.unix_kept.clear()  # PID 1 did not take them in time: not kept
         # Connections still waiting for their PROXY header: parked with the others
         # (the room closes those that cannot be: the balancer sees them end).
         waiting = []
@@ -570,7 +626,7 @@ class HandOver:
         unparked = []
         where = parking.where
         for conn in shared.conns.values():
-            if conn.fd not in where:
+            if conn.fd not in where and conn.fd not in self.unix_kept:
                 unparked.append(conn)
                 continue
             flags = ((PAUSED if conn.paused else 0) | (READ_CLOSED if conn.read_closed else 0)
@@ -664,8 +720,12 @@ class HandOver:
             os.close(item.fd)
         if inherited.connections or CONNECTION_NAME in inherited.restore_names:
             # The older release's entries, one each (or something foreign under that
-            # name): all parked now, so the whole name goes.
+            # name): all parked now, so the whole name goes. Unix stream connections
+            # are stored again under it after the removal (PID 1 would take storing
+            # one it still holds as a duplicate, and the removal would then end it).
             self.parking.remove_later(CONNECTION_NAME)
+            self._store_unix_again([item.fd for item in legacy
+                                    if item.family == socket.AF_UNIX])
         # A format-1 state, or none (a crash), does not say which client a header
         # named: with proxy_protocol on, a connection's socket peer is the
         # balancer, so one not in a format-2 state is taken over as one whose
@@ -713,8 +773,6 @@ class HandOver:
                 conn.peer_finished = bool(record.flags & PEER_FINISHED)
             if item.fd in not_parked:
                 self.parking.unparked.add(item.fd)
-            elif item.family == socket.AF_UNIX:
-                self.unix_total += 1  # an older release's: never parked here
             shared.conns[conn.fd] = conn
             want = conn.wanted()
             if want < 0:  # finished in the old process's last turn: only the close is left

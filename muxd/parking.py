@@ -56,9 +56,11 @@ import errno
 import logging
 import os
 import resource
+import select
 import socket
 import stat
 import struct
+import time
 from array import array
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -504,6 +506,16 @@ class Parking:
         self._send_removals()
         if self._removals:
             self._schedule(0.01)
+
+    def flush_removals(self, timeout: float = 5.0) -> bool:
+        """Send every removal still owed, waiting for room in PID 1's queue (start-up
+        only); True once all are sent."""
+        deadline = time.monotonic() + timeout
+        self._send_removals()
+        while self._removals and time.monotonic() < deadline:
+            select.select([], [], [], 0.005)
+            self._send_removals()
+        return not self._removals
 
     def _send_removals(self) -> None:
         while self._removals:

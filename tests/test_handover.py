@@ -472,3 +472,39 @@ def test_the_state_is_written_from_and_read_into_each_connections_buffer() -> No
         assert state.parked == -1
         assert [state.read_pending(state.records[r.inode]) for r in records] == pending
         state.close()
+
+
+def test_a_socket_units_unix_stream_connections_are_kept_one_store_entry_each(
+        pid1, start_muxd, tmp_path) -> None:
+    # A socket unit with ListenStream=/path: its connections are AF_UNIX, which are
+    # never parked (the kernel's unix garbage collector would get involved), but they
+    # were kept across restarts before parking and must still be: one store entry each,
+    # as before, dropped by PID 1 when the connection is shut down.
+    path = str(tmp_path / "echo.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    pid1.store_foreign(listener.fileno(), "muxd.socket", poll=False)  # the socket unit's
+    listener.close()
+    unit = Unit(pid1, start_muxd, server_config(free_port()), tmp_path)
+
+    def unix_client() -> socket.socket:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.settimeout(10)
+        client.connect(path)
+        return client
+
+    kept, closing = unix_client(), unix_client()
+    assert echo_once(kept, b"before") == b"before"
+    assert echo_once(closing, b"before") == b"before"
+    wait_until(lambda: pid1.count("conn") == 2, what="both unix connections in the store")
+    closing.shutdown(socket.SHUT_WR)
+    assert recv_until_eof(closing) == b""  # muxd's end: the stored copy does not hold it
+    closing.close()
+    wait_until(lambda: pid1.count("conn") == 1, what="PID 1 to drop the closed one")
+    unit.restart()
+    assert echo_once(kept, b"after a restart") == b"after a restart"
+    unit.crash()
+    assert echo_once(kept, b"after a crash") == b"after a crash"
+    unit.daemon.wait_log("took over 1 connection")
+    kept.close()
