@@ -108,6 +108,38 @@ class Batching:
                 del queued[fd]
         return True
 
+    def _barrier(self, text: str, deadline: float, answer_within: float = 0.0) -> bool:
+        """Send ``text`` with a pipe's write end and wait until the receiver closes it,
+        which it does once it has processed everything sent before: room to send is
+        awaited until ``deadline``, the answer until then plus ``answer_within``."""
+        reader, writer = os.pipe2(os.O_CLOEXEC)
+        try:
+            while True:
+                try:
+                    self._send(text, [writer])
+                    break
+                except BlockingIOError:
+                    remaining = deadline - _monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._wait_for_room(remaining)
+                except OSError as err:
+                    self.last_error = err
+                    return False
+            os.close(writer)
+            writer = -1
+            poller = select.poll()
+            poller.register(reader, select.POLLHUP)
+            remaining = max(0.0, deadline - _monotonic()) + answer_within
+            return bool(poller.poll(remaining * 1000))
+        finally:
+            os.close(reader)
+            if writer >= 0:
+                os.close(writer)
+
+    def _wait_for_room(self, remaining: float) -> None:
+        raise NotImplementedError
+
     def _text(self, name: str, poll: bool) -> str:
         raise NotImplementedError
 
@@ -180,30 +212,10 @@ class FdStore(Batching):
     def barrier(self, timeout: float = BARRIER_TIMEOUT) -> bool:
         """Wait until PID 1 has processed every message sent before (BARRIER=1: it
         closes the pipe end we pass once it got there). Blocks up to ``timeout``."""
-        reader, writer = os.pipe2(os.O_CLOEXEC)
-        try:
-            deadline = _monotonic() + timeout
-            while True:
-                try:
-                    self._send("BARRIER=1", [writer])
-                    break
-                except BlockingIOError:
-                    if _monotonic() >= deadline:
-                        return False
-                    select.select([], [], [], 0.005)
-                except OSError as err:
-                    self.last_error = err
-                    return False
-            os.close(writer)
-            writer = -1
-            poller = select.poll()
-            poller.register(reader, select.POLLHUP)
-            remaining = max(0.0, deadline - _monotonic())
-            return bool(poller.poll(remaining * 1000))
-        finally:
-            os.close(reader)
-            if writer >= 0:
-                os.close(writer)
+        return self._barrier("BARRIER=1", _monotonic() + timeout)
+
+    def _wait_for_room(self, remaining: float) -> None:
+        select.select([], [], [], 0.005)  # PID 1's datagram queue: nothing to wait on
 
     def close(self) -> None:
         self._sock.close()

@@ -179,31 +179,11 @@ class WorkerStore(Batching):
         deadline = time.monotonic() + timeout
         if not self.flush_all(timeout):
             return False
-        reader, writer = os.pipe2(os.O_CLOEXEC)
-        try:
-            while True:
-                try:
-                    self._send(BARRIER, [writer])
-                    break
-                except BlockingIOError:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    select.select([], [self._channel], [], min(remaining, 0.5))
-                except OSError as err:
-                    self.last_error = err
-                    return False
-            os.close(writer)
-            writer = -1
-            poller = select.poll()
-            poller.register(reader, select.POLLHUP)
-            # The supervisor waits for PID 1 for up to its own BARRIER_TIMEOUT.
-            remaining = max(0.0, deadline - time.monotonic()) + BARRIER_TIMEOUT
-            return bool(poller.poll(remaining * 1000))
-        finally:
-            os.close(reader)
-            if writer >= 0:
-                os.close(writer)
+        # The supervisor waits for PID 1 for up to its own BARRIER_TIMEOUT.
+        return self._barrier(BARRIER, deadline, answer_within=BARRIER_TIMEOUT)
+
+    def _wait_for_room(self, remaining: float) -> None:
+        select.select([], [self._channel], [], min(remaining, 0.5))
 
     def close(self) -> None:
         for _, fds in self._ordered:
