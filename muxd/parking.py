@@ -115,10 +115,6 @@ class Segment:
         self.moved = 0  # live ones parked again elsewhere (compaction)
 
     @property
-    def closed(self) -> int:
-        return self.closes
-
-    @property
     def live(self) -> int:
         return self.parked - self.closes - self.moved
 
@@ -177,9 +173,6 @@ class Parking:
         """Descriptors this process has in flight: live and dead, in all its segments
         (summed when asked: there are a handful, and the per-turn path stays short)."""
         return sum(segment.parked for segment in self.segments)
-
-    def held(self, fd: int) -> bool:
-        return fd in self.where
 
     # --- segments ---------------------------------------------------------
 
@@ -467,12 +460,12 @@ class Parking:
             # At the in-flight limit: free the most dead sockets whose live ones fit.
             room = self.limit - self.in_flight
             candidates = [segment for segment in self.segments
-                          if segment.closed and segment.live <= room]
+                          if segment.closes and segment.live <= room]
             if candidates:
-                return max(candidates, key=lambda segment: segment.closed)
+                return max(candidates, key=lambda segment: segment.closes)
         *sealed, current = self.segments
         for segment in sealed:
-            if segment.closed > segment.live and segment.closed >= self._min_closed:
+            if segment.closes > segment.live and segment.closes >= self._min_closed:
                 return segment
         if len(sealed) > MAX_SEGMENTS:
             # Merged into the current one: one with dead sockets, or one sealed by its
@@ -481,11 +474,11 @@ class Parking:
             # be: moving it would only make another.
             half = self.segment_fds // 2
             candidates = [segment for segment in sealed
-                          if segment.closed or segment.live < half]
+                          if segment.closes or segment.live < half]
             if candidates:
                 return min(candidates,
-                           key=lambda segment: segment.live - segment.closed)
-        if current.closed >= CURRENT_COMPACT_AT and current.closed > current.live:
+                           key=lambda segment: segment.live - segment.closes)
+        if current.closes >= CURRENT_COMPACT_AT and current.closes > current.live:
             return current
         return None
 

@@ -535,5 +535,5 @@ class AliasedStore:
     def __setattr__(self, attribute: str, value: object) -> None:
         if attribute.startswith("_"):
             object.__setattr__(self, attribute, value)
-        else:  # HandOver takes the store's ``rejected`` list by assigning it
+        else:  # the counters (sent, failed, rejected, last_error) are the real store's
             setattr(self._store, attribute, value)
