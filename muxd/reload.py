@@ -22,6 +22,7 @@ from dataclasses import replace
 from muxd.access import AccessPolicy, client_address, client_group
 from muxd.config import (
     RESTART_ONLY_FIELDS,
+    Config,
     ConfigError,
     changed_fields,
     describe_changes,
@@ -35,6 +36,20 @@ from muxd.state import Shared
 
 logger = logging.getLogger("muxd")
 
+
+
+def keep_restart_only(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """The rule of a reload (the single process's and the supervisor's): ``new`` with
+    every field of ``RESTART_ONLY_FIELDS`` at its running value, logged once at
+    warning when one changed; with the fields applied and those left for a restart."""
+    needs_restart = [name for name in RESTART_ONLY_FIELDS
+                     if getattr(old, name) != getattr(new, name)]
+    if needs_restart:
+        logger.warning("reload: %s changed in %s; that takes effect only after a restart",
+                       ", ".join(map(key_name, needs_restart)), new.source)
+        new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
+    applied = [name for name in changed_fields(old, new) if name != "source"]
+    return new, applied, needs_restart
 
 class Reload:
     def __init__(self, shared: Shared, idle_timeout_changed: Callable[[], None]) -> None:
@@ -60,12 +75,7 @@ class Reload:
             self.results["failure"] += 1
             shared.notifier.ready(status(shared))
             return
-        changed = changed_fields(old, new)
-        needs_restart = [name for name in RESTART_ONLY_FIELDS if name in changed]
-        if needs_restart:
-            logger.warning("reload: %s changed in %s; that takes effect only after a restart",
-                           ", ".join(map(key_name, needs_restart)), new.source)
-            new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
+        new, applied, needs_restart = keep_restart_only(old, new)
         shared.config = new
         self.results["success"] += 1
         self.last_success = time.time()
@@ -79,7 +89,6 @@ class Reload:
             raise_nofile(new.nofile)
         if new.idle_timeout != old.idle_timeout:
             self._idle_timeout_changed()
-        applied = [name for name in changed_fields(old, new) if name != "source"]
         logger.info("reloaded %s: %s", new.source, describe_changes(applied, needs_restart))
         shared.notifier.ready(status(shared))
 

@@ -39,23 +39,16 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from muxd.config import (
-    RESTART_ONLY_FIELDS,
-    Config,
-    ConfigError,
-    changed_fields,
-    describe_changes,
-    key_name,
-    load_config,
-)
+from muxd.config import Config, ConfigError, describe_changes, load_config
 from muxd.fdstore import FdStore
 from muxd.handover import ARM_WINDOW, RESTART_SIGNAL
 from muxd.logs import set_level
 from muxd.notify import Notifier, watchdog_interval
 from muxd.pollers import READ, create_poller
+from muxd.reload import keep_restart_only
 from muxd.signals import HANDLED, RELAYED_STOP, SignalQueue, block
 from muxd.timers import Timers
 from muxd.worker import run_worker
@@ -341,16 +334,10 @@ class Supervisor:
             self._report(force_ready=True)
             return
         old = self.config
-        needs_restart = [name for name in RESTART_ONLY_FIELDS
-                         if getattr(old, name) != getattr(new, name)]
-        if needs_restart:
-            # As the single process does (and each worker will): a restart-only
-            # field keeps its running value everywhere, so a worker replaced
-            # later binds what the others serve.
-            logger.warning("reload: %s changed in %s; that takes effect only after a restart",
-                           ", ".join(map(key_name, needs_restart)), new.source)
-            new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY_FIELDS})
-        applied = [name for name in changed_fields(old, new) if name != "source"]
+        # As the single process does (and each worker will): a restart-only field
+        # keeps its running value everywhere, so a worker replaced later binds what
+        # the others serve.
+        new, applied, needs_restart = keep_restart_only(old, new)
         logger.info("supervisor: reloading %s in every worker (%s)", new.source,
                     describe_changes(applied, needs_restart))
         self.config = new
