@@ -104,17 +104,12 @@ def _serve(index: int, config: Config, config_path: str | None, inherited: tuple
         except ListenerError as err:
             logger.error("%s", err)
             return err.exit_status
-    if handover is None:
-        server = EchoServer(config, config_path, listeners, create_poller(config.backend),
-                            Notifier(), udp_endpoints=endpoints, test_hooks=test_hooks,
-                            metrics_channel=metrics_channel)
-    else:
-        server = EchoServer(config, config_path, listeners, create_poller(config.backend),
-                            Notifier(), udp_endpoints=endpoints, test_hooks=test_hooks,
-                            metrics_channel=metrics_channel, store=handover.store,
-                            store_capacity=handover.capacity,
-                            stored_listeners=handover.stored_listeners,
-                            inheritance=handover.inheritance)
+    keeping = {} if handover is None else {
+        "store": handover.store, "store_capacity": handover.capacity,
+        "stored_listeners": handover.stored_listeners, "inheritance": handover.inheritance}
+    server = EchoServer(config, config_path, listeners, create_poller(config.backend),
+                        Notifier(), udp_endpoints=endpoints, test_hooks=test_hooks,
+                        metrics_channel=metrics_channel, **keeping)
     return server.run()
 
 
