@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import OUT_DIR
-from bench.procstat import open_fd_count, rss_kib
+from bench.procstat import open_fd_count, rss_kib, status_kib
 from bench.restart import Pid1, RestartFailed, _env, _raise_nofile, _start, restart_once, wait_held
 from bench.runner import pick_cores
 from bench.servers import free_port, pin_to_core
@@ -156,14 +156,6 @@ class Sample:
     total_s: float  # SIGTERM to READY=1
 
 
-def _hwm_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmHWM for pid {pid}")
-
-
 def _pending_kib(log: Path) -> int:
     found = PENDING.findall(log.read_text(errors="replace"))
     if not found:
@@ -218,7 +210,7 @@ def run(conns: int, reps: int) -> dict[str, Any]:
                 if restart.taken_over != conns:
                     raise RestartFailed(f"took over {restart.taken_over} of {conns}")
                 last = -1
-                while (hwm := _hwm_kib(current)) != last:  # settled: two readings agree
+                while (hwm := status_kib(current, "VmHWM")) != last:  # settled: two readings agree
                     last = hwm
                     store.run_until(lambda: False, 0.2)
                 sample = Sample(before, store.peak_rss_kib[old], hwm, _pending_kib(log),

@@ -7,11 +7,16 @@ from collections.abc import Callable
 
 def rss_kib(pid: int) -> int:
     """Resident set size (VmRSS) in KiB."""
+    return status_kib(pid, "VmRSS")
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A memory figure of /proc/PID/status in KiB (VmRSS, VmHWM: the peak RSS, ...)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def open_fd_count(pid: int) -> int:
